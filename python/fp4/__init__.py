@@ -1,0 +1,54 @@
+"""fp4: fast, bit-exact low-bit floating-point weights (bitsandbytes FP4/NF4) for PyTorch, C and C++.
+
+The work is done by libfp4 (a C library with CPU and CUDA kernels); this package is the PyTorch door:
+
+    fp4.functional       quantize_4bit / dequantize_4bit, drop-in for bitsandbytes.functional
+    fp4.QuantState       the quantization state, convertible to and from bitsandbytes' QuantState
+    fp4.cmake_dir()      where the CMake package lives, for C++ projects: find_package(fp4 CONFIG)
+
+Submodules that need torch are imported on first use, so `python -m fp4 info` works without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from . import _C
+
+__version__ = _C.version()
+
+_LAZY = {
+    "functional": ("fp4.functional", None),
+    "QuantState": ("fp4.quant_state", "QuantState"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module_name, attr = _LAZY[name]
+        module = importlib.import_module(module_name)
+        value = module if attr is None else getattr(module, attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fp4' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+def cmake_dir() -> str:
+    """The folder holding fp4Config.cmake: pass it as -Dfp4_DIR=... to a C++ project that does
+    `find_package(fp4 CONFIG REQUIRED)` and links `fp4::fp4`."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "share", "cmake", "fp4")
+
+
+def include_dir() -> str:
+    """The folder holding the public C header <fp4/fp4.h>."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "include")
+
+
+def cuda_built() -> bool:
+    """True when libfp4 was built with its CUDA kernels."""
+    return _C.cuda_built()
