@@ -54,8 +54,12 @@ def test_quantize_matches_bitsandbytes(device, quant_type, blocksize, dtype, nes
         assert ours.dtype == dtype and ours.shape == A.shape
         assert torch.equal(ours, format_reference(B, bnb_packed, bnb_state)), f"{shape}: values differ from the format"
         if not _bnb_cpu_misreads(device, shape, blocksize):
-            theirs = B.dequantize_4bit(bnb_packed, bnb_state)
-            assert torch.equal(ours, theirs.reshape(ours.shape)), f"{shape}: dequantized values differ"
+            theirs = B.dequantize_4bit(bnb_packed, bnb_state).reshape(ours.shape)
+            if _bnb_cpu_avx512_rounds_differently(device, dtype, quant_type):
+                # values agree to the last bit of fp16 (one rounding step), not always exactly
+                torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=0)
+            else:
+                assert torch.equal(ours, theirs), f"{shape}: dequantized values differ"
 
 
 def _bnb_cpu_misreads(device, shape, blocksize):
@@ -64,6 +68,15 @@ def _bnb_cpu_misreads(device, shape, blocksize):
     the wrong absmax: its values then disagree with its own quantize_4bit and with its CUDA path.
     fp4 follows the format (and bitsandbytes' CUDA and pure-torch paths) there."""
     return device.type == "cpu" and len(shape) > 1 and shape[0] > 1 and shape[-1] % blocksize != 0
+
+
+def _bnb_cpu_avx512_rounds_differently(device, dtype, quant_type):
+    """On AVX-512 CPUs bitsandbytes 0.50 dequantizes NF4 to float16 with a vector kernel whose
+    rounding differs by one fp16 step from its own reference formula (code * absmax in fp32, then
+    round to nearest even) for some elements; fp4 keeps the reference rounding (the format check
+    above is exact)."""
+    return device.type == "cpu" and dtype == torch.float16 and quant_type == "nf4" and \
+        torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def format_reference(B, packed, state):
