@@ -31,6 +31,11 @@ void quantize_4bit(const fp4_exec& exec, fp4_quant_type type, const void* input,
 void dequantize_4bit(const fp4_exec& exec, fp4_quant_type type, const uint8_t* packed, const fp4_scales& scales,
                      int64_t n, int64_t blocksize, void* out, fp4_dtype dtype);
 
+int64_t gemv_max_batch();
+void linear_4bit(const fp4_exec& exec, fp4_quant_type type, const void* x, fp4_dtype dtype, int64_t m, int64_t k,
+                 const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
+                 void* y);
+
 void compress_absmax(const fp4_exec& exec, const float* absmax, int64_t num_blocks, const float* code,
                      int64_t nested_blocksize, float* offset, bool offset_is_input, uint8_t* codes_out,
                      float* absmax2_out);

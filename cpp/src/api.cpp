@@ -165,6 +165,45 @@ fp4_status fp4_dequantize_4bit(const fp4_exec* exec, fp4_quant_type quant_type, 
   });
 }
 
+int64_t fp4_gemv_max_batch(void) {
+#ifdef FP4_WITH_CUDA
+  return cuda::gemv_max_batch();
+#else
+  return 0;
+#endif
+}
+
+fp4_status fp4_linear_4bit(const fp4_exec* exec, fp4_quant_type quant_type, const void* x, fp4_dtype dtype, int64_t m,
+                           int64_t k, const uint8_t* packed, const fp4_scales* scales, int64_t n, int64_t blocksize,
+                           const void* bias, void* y) {
+  return guarded(__func__, [&] {
+    const fp4_exec& ex = check_exec(exec);
+    check_quant_type(quant_type);
+    check_dtype(dtype, "dtype");
+    check_count(m, "m");
+    check_count(k, "k");
+    check_count(n, "n");
+    check_blocksize(blocksize);
+    if (n > 0 && k > kMaxElements / n) invalid_argument("n, k: the weight has more than 2^60 elements");
+    if (m == 0 || n == 0) return;
+    check_memory(ex, y, "y");
+    if (bias != nullptr) check_memory(ex, bias, "bias");
+    if (k == 0) invalid_argument("k: expected in_features >= 1, got 0");
+    check_memory(ex, x, "x");
+    check_memory(ex, packed, "packed");
+    check_scales(ex, scales);
+    if (ex.device == FP4_DEVICE_CPU)
+      return cpu::linear_4bit(quant_type, x, dtype, m, k, packed, *scales, n, blocksize, bias, y);
+#ifdef FP4_WITH_CUDA
+    if (m > cuda::gemv_max_batch())
+      fail(FP4_ERROR_NOT_SUPPORTED, "m: the CUDA GEMV takes batches up to ", cuda::gemv_max_batch(), ", got ", m,
+           "; dequantize and use a dense GEMM for larger batches");
+    cuda::DeviceGuard guard(ex.device_index);
+    cuda::linear_4bit(ex, quant_type, x, dtype, m, k, packed, *scales, n, blocksize, bias, y);
+#endif
+  });
+}
+
 fp4_status fp4_compress_absmax(const fp4_exec* exec, const float* absmax, int64_t num_blocks, const float* code,
                                int64_t nested_blocksize, float* offset, int offset_is_input, uint8_t* codes_out,
                                float* absmax2_out) {

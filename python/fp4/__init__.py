@@ -3,6 +3,8 @@
 The work is done by libfp4 (a C library with CPU and CUDA kernels); this package is the PyTorch door:
 
     fp4.functional       quantize_4bit / dequantize_4bit, drop-in for bitsandbytes.functional
+    fp4.FP4Linear        the 4-bit linear layer (alias TorchFP4Linear)
+    fp4.quantize_        convert a whole model in place: fp4.quantize_(model, fp4.FP4Config("nf4"))
     fp4.QuantState       the quantization state, convertible to and from bitsandbytes' QuantState
     fp4.cmake_dir()      where the CMake package lives, for C++ projects: find_package(fp4 CONFIG)
 
@@ -21,6 +23,14 @@ __version__ = _C.version()
 _LAZY = {
     "functional": ("fp4.functional", None),
     "QuantState": ("fp4.quant_state", "QuantState"),
+    "nn": ("fp4.nn", None),
+    "FP4Linear": ("fp4.nn.linear", "FP4Linear"),
+    "TorchFP4Linear": ("fp4.nn.linear", "TorchFP4Linear"),
+    "FP4Config": ("fp4.convert", "FP4Config"),
+    "quantize_": ("fp4.convert", "quantize_"),
+    "from_bnb": ("fp4.convert", "from_bnb"),
+    "swap_linear_with_bnb_linear": ("fp4.convert", "swap_linear_with_bnb_linear"),
+    "recursively_replace_with_fp4_linear": ("fp4.convert", "recursively_replace_with_fp4_linear"),
 }
 
 

@@ -216,6 +216,43 @@ void dequantize_4bit(const Array& packed, const Array& absmax, MutableArray out,
   raise_on_error(status);
 }
 
+void linear_4bit(const Array& x, const Array& packed, const Array& absmax, std::optional<Array> bias, MutableArray y,
+                 const std::string& quant_type, int64_t blocksize, uintptr_t stream, std::optional<Array> nested_codes,
+                 std::optional<Array> nested_code, std::optional<Array> nested_offset, int64_t nested_blocksize) {
+  const fp4_quant_type type = quant_type_of(quant_type);
+  check_blocksize(blocksize);
+  const fp4_dtype dtype = float_dtype(x.dtype(), "x");
+  expect_contiguous(x, "x");
+  if (x.ndim() != 2) throw nb::value_error("x: expected a 2-D array [batch, in_features]");
+  if (y.ndim() != 2) throw nb::value_error("y: expected a 2-D array [batch, out_features]");
+  const Place place = place_of(x, stream, "x");
+  const int64_t m = int64_t(x.shape(0)), k = int64_t(x.shape(1)), n = int64_t(y.shape(1));
+  if (y.dtype() != x.dtype()) throw nb::type_error("y: expected the dtype of x");
+  expect_contiguous(y, "y");
+  place.expect_same(y, "y");
+  if (int64_t(y.shape(0)) != m) throw nb::value_error("y: expected as many rows as x");
+  expect_dtype(packed, nb::dtype<uint8_t>(), "packed", "uint8");
+  expect_contiguous(packed, "packed");
+  place.expect_same(packed, "packed");
+  expect_size(packed, fp4_packed_bytes(n * k), "packed", "out_features * in_features / 2");
+  const Scales scales = scales_of(place, absmax, fp4_num_blocks(n * k, blocksize), nested_codes, nested_code,
+                                  nested_offset, nested_blocksize);
+  const void* bias_ptr = nullptr;
+  if (bias) {
+    if (bias->dtype() != x.dtype()) throw nb::type_error("bias: expected the dtype of x");
+    place.expect_same(*bias, "bias");
+    expect_size(*bias, n, "bias", "one per output feature");
+    bias_ptr = bias->data();
+  }
+  fp4_status status;
+  {
+    nb::gil_scoped_release release;
+    status = fp4_linear_4bit(&place.exec, type, x.data(), dtype, m, k, static_cast<const uint8_t*>(packed.data()),
+                             &scales.value, n, blocksize, bias_ptr, y.data());
+  }
+  raise_on_error(status);
+}
+
 void compress_absmax(const Array& absmax, const Array& code, MutableArray offset, bool offset_is_input,
                      MutableArray codes_out, MutableArray absmax2_out, int64_t nested_blocksize, uintptr_t stream) {
   expect_dtype(absmax, nb::dtype<float>(), "absmax", "float32");
@@ -314,6 +351,12 @@ NB_MODULE(_C, m) {
         nb::arg("quant_type"), nb::arg("blocksize"), nb::arg("stream") = 0, nb::arg("nested_codes") = nb::none(),
         nb::arg("nested_code") = nb::none(), nb::arg("nested_offset") = nb::none(),
         nb::arg("nested_blocksize") = 256, "Dequantize `packed` into `out` (its dtype and size decide the result).");
+  m.def("gemv_max_batch", &fp4_gemv_max_batch, "Largest batch the CUDA GEMV serves (0 without CUDA).");
+  m.def("linear_4bit", &linear_4bit, nb::arg("x"), nb::arg("packed"), nb::arg("absmax"), nb::arg("bias").none(),
+        nb::arg("y"), nb::arg("quant_type"), nb::arg("blocksize"), nb::arg("stream") = 0,
+        nb::arg("nested_codes") = nb::none(), nb::arg("nested_code") = nb::none(),
+        nb::arg("nested_offset") = nb::none(), nb::arg("nested_blocksize") = 256,
+        "y = x @ W.T + bias with W the 4-bit weight [out_features, in_features].");
   m.def("compress_absmax", &compress_absmax, nb::arg("absmax"), nb::arg("code"), nb::arg("offset"),
         nb::arg("offset_is_input"), nb::arg("codes_out"), nb::arg("absmax2_out"), nb::arg("nested_blocksize") = 256,
         nb::arg("stream") = 0, "Nested statistics: 8-bit codes of absmax - offset, blockwise.");

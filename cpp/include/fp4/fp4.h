@@ -106,6 +106,16 @@ FP4_API fp4_status fp4_dequantize_4bit(const fp4_exec* exec, fp4_quant_type quan
                                        const fp4_scales* scales, int64_t n, int64_t blocksize, void* out,
                                        fp4_dtype dtype);
 
+/* ---- 4-bit linear layer ---------------------------------------------------------------------- */
+/* y[m, n] = x[m, k] @ W^T (+ bias[n]), with W[n, k] the 4-bit weight in the bitsandbytes layout
+ * (packed, scales, blocksize). x, y and bias share `dtype`; accumulation is fp32. bias may be NULL.
+ * CPU: any m. CUDA: the fused GEMV serves m <= fp4_gemv_max_batch(); larger batches are the
+ * caller's to run (e.g. fp4_dequantize_4bit into a workspace, then a dense GEMM). */
+FP4_API int64_t fp4_gemv_max_batch(void);
+FP4_API fp4_status fp4_linear_4bit(const fp4_exec* exec, fp4_quant_type quant_type, const void* x, fp4_dtype dtype,
+                                   int64_t m, int64_t k, const uint8_t* packed, const fp4_scales* scales, int64_t n,
+                                   int64_t blocksize, const void* bias, void* y);
+
 /* ---- nested statistics ("double quant") ------------------------------------------------------- */
 /* Compress num_blocks fp32 absmax values: offset = mean(absmax); (absmax - offset) is quantized
  * 8-bit blockwise (nested_blocksize, 256 in bitsandbytes) with the 256-entry `code`, exactly as

@@ -1,0 +1,171 @@
+// The 4-bit linear layer on CUDA for small batches (GEMV): y[m, n] = x[m, k] W^T + b, m <= 8.
+//
+// One warp owns one output feature. Each lane streams 16-byte chunks of the weight row (32 codes,
+// always inside one absmax block because blocks hold >= 32 codes and rows start on a 32-code
+// boundary when k % 32 == 0), looks the codes up in a 16-entry shared-memory table (16 floats sit
+// in 16 distinct banks, so lanes never conflict), and accumulates code * x for the chunk before
+// applying the block's scale once. fp32 throughout; a warp shuffle reduces the lanes.
+// Rows whose length is not a multiple of 32 take a simple per-output kernel.
+#include "common.cuh"
+#include "formats.hpp"
+#include "kernels.hpp"
+
+namespace fp4::cuda {
+namespace {
+
+constexpr int kWarpsPerBlock = 4;
+constexpr int kMaxBatch = 8;
+
+struct Code16 {
+  float v[16];
+};
+
+// Weights are read once: keep them out of L1.
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+// 8 consecutive activations as floats (one or two 16-byte loads).
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float* out);
+template <>
+__device__ __forceinline__ void load8<float>(const float* p, float* out) {
+  const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+  out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+}
+template <>
+__device__ __forceinline__ void load8<__half>(const __half* p, float* out) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    out[2 * i] = f.x, out[2 * i + 1] = f.y;
+  }
+}
+template <>
+__device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, float* out) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    out[2 * i] = f.x, out[2 * i + 1] = f.y;
+  }
+}
+
+template <typename T, int M>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    gemv_kernel(const T* __restrict__ x, int64_t k, const uint8_t* __restrict__ packed, fp4_scales scales,
+                int64_t n, int blocksize_log2, Code16 code, const T* __restrict__ bias, T* __restrict__ y) {
+  __shared__ float table[16];
+  if (threadIdx.x < 16) table[threadIdx.x] = code.v[threadIdx.x];
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  const int64_t j = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (j >= n) return;
+  const int64_t chunks = k / 32;
+  const uint4* row = reinterpret_cast<const uint4*>(packed + j * k / 2);
+  float acc[M];
+#pragma unroll
+  for (int r = 0; r < M; ++r) acc[r] = 0.0f;
+#pragma unroll 2
+  for (int64_t c = lane; c < chunks; c += 32) {
+    const uint4 w = load_stream(row + c);
+    const float scale = block_scale(scales, (j * k + c * 32) >> blocksize_log2);
+    const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+    float part[M];
+#pragma unroll
+    for (int r = 0; r < M; ++r) part[r] = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      float xv[M][8];
+#pragma unroll
+      for (int r = 0; r < M; ++r) load8(x + r * k + c * 32 + q * 8, xv[r]);
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const uint32_t byte = (words[q] >> (8 * t)) & 0xffu;
+        const float w_even = table[byte >> 4], w_odd = table[byte & 15u];
+#pragma unroll
+        for (int r = 0; r < M; ++r) part[r] = fmaf(w_odd, xv[r][2 * t + 1], fmaf(w_even, xv[r][2 * t], part[r]));
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < M; ++r) acc[r] = fmaf(scale, part[r], acc[r]);
+  }
+#pragma unroll
+  for (int r = 0; r < M; ++r)
+    for (int offset = 16; offset > 0; offset >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], offset);
+  if (lane == 0) {
+    const float b = bias ? load_as_float(bias + j) : 0.0f;
+#pragma unroll
+    for (int r = 0; r < M; ++r) y[r * n + j] = store_from_float<T>(acc[r] + b);
+  }
+}
+
+// Any k: one thread per output element, scalar decode.
+template <typename T>
+__global__ void linear_generic_kernel(const T* __restrict__ x, int64_t m, int64_t k, const uint8_t* __restrict__ packed,
+                                      fp4_scales scales, int64_t n, int64_t blocksize, Code16 code,
+                                      const T* __restrict__ bias, T* __restrict__ y) {
+  for (int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; o < m * n; o += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = o / n, j = o % n;
+    float acc = 0.0f;
+    for (int64_t i = 0; i < k; ++i) {
+      const int64_t e = j * k + i;
+      const uint8_t byte = packed[e / 2];
+      const float w = code.v[(e & 1) ? (byte & 15) : (byte >> 4)] * block_scale(scales, e / blocksize);
+      acc = fmaf(w, load_as_float(x + r * k + i), acc);
+    }
+    y[o] = store_from_float<T>(acc + (bias ? load_as_float(bias + j) : 0.0f));
+  }
+}
+
+template <typename T, int M>
+void launch_gemv(const fp4_exec& exec, const T* x, int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n,
+                 int log2, const Code16& code, const T* bias, T* y) {
+  const unsigned grid = unsigned((n + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  gemv_kernel<T, M><<<grid, kWarpsPerBlock * 32, 0, stream_of(exec)>>>(x, k, packed, scales, n, log2, code, bias, y);
+}
+
+}  // namespace
+
+int64_t gemv_max_batch() { return kMaxBatch; }
+
+void linear_4bit(const fp4_exec& exec, fp4_quant_type type, const void* x, fp4_dtype dtype, int64_t m, int64_t k,
+                 const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
+                 void* y) {
+  Code16 code;
+  for (int i = 0; i < 16; ++i) code.v[i] = codebook(type)[i];
+  int log2 = 0;
+  while ((int64_t(1) << log2) < blocksize) ++log2;
+  const bool aligned = reinterpret_cast<uintptr_t>(packed) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  dispatch_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* xt = static_cast<const T*>(x);
+    const T* bt = static_cast<const T*>(bias);
+    T* yt = static_cast<T*>(y);
+    if (k % 32 != 0 || !aligned) {
+      linear_generic_kernel<T><<<grid_for(m * n, 256), 256, 0, stream_of(exec)>>>(xt, m, k, packed, scales, n,
+                                                                                  blocksize, code, bt, yt);
+      return;
+    }
+    switch (m) {
+      case 1: return launch_gemv<T, 1>(exec, xt, k, packed, scales, n, log2, code, bt, yt);
+      case 2: return launch_gemv<T, 2>(exec, xt, k, packed, scales, n, log2, code, bt, yt);
+      case 3: return launch_gemv<T, 3>(exec, xt, k, packed, scales, n, log2, code, bt, yt);
+      case 4: return launch_gemv<T, 4>(exec, xt, k, packed, scales, n, log2, code, bt, yt);
+      case 5: return launch_gemv<T, 5>(exec, xt, k, packed, scales, n, log2, code, bt, yt);
+      case 6: return launch_gemv<T, 6>(exec, xt, k, packed, scales, n, log2, code, bt, yt);
+      case 7: return launch_gemv<T, 7>(exec, xt, k, packed, scales, n, log2, code, bt, yt);
+      default: return launch_gemv<T, 8>(exec, xt, k, packed, scales, n, log2, code, bt, yt);
+    }
+  });
+  check_launch("linear_4bit kernel");
+}
+
+}  // namespace fp4::cuda

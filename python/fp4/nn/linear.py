@@ -1,0 +1,130 @@
+"""FP4Linear: a linear layer whose weight is stored in 4 bits (bitsandbytes layout) and never
+expanded in memory: the packed codes and the absmax are all it holds."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import functional as F
+from .._torch import FLOAT_DTYPES, check_blocksize, check_quant_type
+from ..ops import linear_4bit
+from ..quant_state import QuantState
+
+# Buffers holding the quantized weight: moved between devices, never cast to another dtype.
+_QUANT_BUFFERS = ("weight", "absmax", "nested_absmax", "nested_code", "nested_offset")
+
+
+class FP4Linear(nn.Module):
+    """y = x W^T + b with W held as 4-bit codes (FP4 or NF4) and per-block absmax.
+
+    Build one with `FP4Linear.from_linear(nn.Linear)` (quantizes on the layer's device) or
+    `FP4Linear.from_bnb(bnb.nn.Linear4bit)` (reuses the packed bytes and state as they are), or as
+    `TorchFP4Linear(layer)` like torch-bnb-fp4. Forward takes float32, float16 or bfloat16 input with
+    any leading dimensions (batch 0 included) and returns the input's dtype.
+
+    use_codebook_dequant: accepted for torch-bnb-fp4 compatibility. fp4's kernels always decode
+    through the 16-entry codebook; both choices give identical results.
+    """
+
+    def __init__(self, layer: Optional[nn.Module] = None, use_codebook_dequant: bool = True, *,
+                 packed: Optional[torch.Tensor] = None, state: Optional[QuantState] = None,
+                 bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        if layer is not None:
+            # torch-bnb-fp4's constructor: TorchFP4Linear(bnb_linear4bit_or_nn_linear)
+            source = FP4Linear.from_bnb(layer) if _is_bnb_linear4bit(layer) else FP4Linear.from_linear(layer)
+            packed, state, bias = source.weight, source.quant_state, source.bias
+        if packed is None or state is None:
+            raise ValueError("FP4Linear: give a layer, or packed and state")
+        self.use_codebook_dequant = bool(use_codebook_dequant)
+        self.out_features, self.in_features = (int(d) for d in state.shape)
+        self.quant_type = check_quant_type(state.quant_type)
+        self.blocksize = check_blocksize(int(state.blocksize))
+        self.register_buffer("weight", packed.detach())
+        nested = state.nested
+        self.register_buffer("absmax", state.absmax.detach())
+        self.register_buffer("nested_absmax", state.state2.absmax.detach() if nested else None)
+        self.register_buffer("nested_code", state.state2.code.detach() if nested else None)
+        self.register_buffer("nested_offset", state.offset.detach().reshape(()) if nested else None)
+        self.register_buffer("code", state.code.detach() if state.code is not None else
+                             F.get_4bit_type(self.quant_type, packed.device))
+        self.weight_dtype = state.dtype
+        self.nested_blocksize = int(state.state2.blocksize) if nested else 256
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    # ---- constructors -----------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "fp4", blocksize: int = 64,
+                    double_quant: bool = False) -> "FP4Linear":
+        """Quantizes an nn.Linear's weight (on its device) into a new FP4Linear."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        if weight.dtype not in FLOAT_DTYPES:
+            weight = weight.float()
+        packed, state = F.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant,
+                                        quant_type=quant_type)
+        return cls(packed=packed, state=state, bias=linear.bias)
+
+    @classmethod
+    def from_bnb(cls, layer) -> "FP4Linear":
+        """Wraps a bitsandbytes Linear4bit / LinearFP4 / LinearNF4 whose weight is quantized: the
+        packed bytes and QuantState are reused as they are (no requantization, no fp16 copy)."""
+        state = getattr(layer.weight, "quant_state", None)
+        if state is None:
+            raise ValueError("layer: its weight is not quantized yet (bitsandbytes quantizes when the layer is "
+                             "moved to its device, e.g. layer.cuda())")
+        return cls(packed=layer.weight.data, state=QuantState.from_bnb(state), bias=layer.bias)
+
+    # ---- state -----------------------------------------------------------------------------
+    @property
+    def quant_state(self) -> QuantState:
+        """The weight's QuantState (its tensors are this layer's buffers)."""
+        state2 = None
+        if self.nested_absmax is not None:
+            state2 = QuantState(absmax=self.nested_absmax, code=self.nested_code, blocksize=self.nested_blocksize,
+                                dtype=torch.float32)
+        return QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)), code=self.code,
+                          dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
+                          offset=self.nested_offset, state2=state2)
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense weight [out_features, in_features] in the dtype it was quantized from."""
+        return F.dequantize_4bit(self.weight, self.quant_state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"x: expected float32, float16 or bfloat16, got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected last dimension {self.in_features} (in_features), got shape {tuple(x.shape)}")
+        if x.device != self.weight.device:
+            raise ValueError(f"x: expected a tensor on {self.weight.device} (the layer's device), got {x.device}")
+        return linear_4bit(x, self.weight, self.quant_state, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() must not cast the quantization buffers: only their device may change.
+        kept = {name: getattr(self, name) for name in _QUANT_BUFFERS + ("code",)}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = getattr(self, name)
+            if before is not None and after is not None and after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
+    def extra_repr(self) -> str:
+        nested = ", double_quant" if self.nested_absmax is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={self.quant_type}, blocksize={self.blocksize}{nested}")
+
+
+# torch-bnb-fp4's name for the same layer.
+TorchFP4Linear = FP4Linear
+
+
+def _is_bnb_linear4bit(layer) -> bool:
+    return type(layer).__name__ in ("Linear4bit", "LinearFP4", "LinearNF4") and hasattr(layer.weight, "quant_state")

@@ -1,0 +1,42 @@
+"""The 4-bit linear op and the one place that decides which kernel serves which batch."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C
+from ._torch import stream_of
+from .functional import _nested_args, _scales_of
+from .quant_state import QuantState
+
+# Batches up to this many rows take libfp4's fused GEMV on CUDA (it reads the 4-bit weight once);
+# larger batches dequantize into a temporary and use cuBLAS. 8 is the GEMV's largest template; the
+# fused tensor-core GEMM that will move this threshold is the next kernel (see KERNELS.md).
+CUDA_GEMV_MAX_BATCH = 8
+
+
+def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor] = None):
+    """y = x @ W.T + bias, W the 4-bit weight of shape state.shape = (out_features, in_features).
+
+    x: [..., in_features] float32/float16/bfloat16; the result has x's dtype and leading dims.
+    """
+    out_features, in_features = state.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty(*lead, out_features)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if x.device.type == "cuda" and m > CUDA_GEMV_MAX_BATCH:
+        weight = torch.empty(state.shape, dtype=x.dtype, device=x.device)
+        _C.dequantize_4bit(packed.view(torch.uint8).reshape(-1), _scales_of(state), weight.reshape(-1),
+                           state.quant_type, int(state.blocksize), stream_of(x), **_nested_args(state))
+        return torch.nn.functional.linear(x, weight, bias)
+    x2 = x2.contiguous()
+    y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
+    _C.linear_4bit(x2, packed.view(torch.uint8).reshape(-1), _scales_of(state), None if bias is None else bias.contiguous(),
+                   y, state.quant_type, int(state.blocksize), stream_of(x), **_nested_args(state))
+    return y.reshape(*lead, out_features)
