@@ -1,0 +1,132 @@
+"""FP4Linear: accuracy against a dequantize-then-fp64 reference, parity with bitsandbytes' layer,
+module behaviour, and bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+import fp4
+import fp4.functional as F
+from conftest import bnb_functional
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # relative Frobenius error
+
+
+def _reference(layer, x):
+    w = layer.dequantize().double()
+    y = x.double() @ w.t()
+    return y + layer.bias.double() if layer.bias is not None else y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 2, 5, 8, 9, 33])
+@pytest.mark.parametrize("quant_type,double_quant", [("fp4", False), ("nf4", True)])
+def test_forward_matches_fp64_reference(device, dtype, batch, quant_type, double_quant):
+    linear = nn.Linear(1024, 333, device=device, dtype=dtype)
+    layer = fp4.FP4Linear.from_linear(linear, quant_type=quant_type, double_quant=double_quant)
+    x = torch.randn(batch, 1024, device=device, dtype=dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (batch, 333) and torch.isfinite(y).all()
+    ref = _reference(layer, x)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < TOL[dtype]
+
+
+@pytest.mark.parametrize("in_features", [64 * 3 + 32, 100, 7])
+def test_odd_shapes(device, in_features):
+    """in_features not a multiple of 32 (or of the blocksize, or even odd): blocks straddle rows."""
+    linear = nn.Linear(in_features, 37, device=device)
+    layer = fp4.FP4Linear.from_linear(linear, blocksize=32)
+    x = torch.randn(3, in_features, device=device)
+    ref = _reference(layer, x)
+    assert ((layer(x).double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_leading_dims_and_empty_batch(device):
+    layer = fp4.FP4Linear.from_linear(nn.Linear(256, 64, device=device))
+    x = torch.randn(2, 3, 256, device=device)
+    assert layer(x).shape == (2, 3, 64)
+    assert torch.allclose(layer(x)[1, 2], layer(x[1, 2:3])[0])
+    assert layer(torch.randn(0, 256, device=device)).shape == (0, 64)
+
+
+def test_matches_bitsandbytes_layer_math(device):
+    """Same weights as bitsandbytes quantizes them: output equals x @ bnb_dequantize(W).T + b."""
+    B = bnb_functional()
+    linear = nn.Linear(512, 128, device=device, dtype=torch.float16)
+    layer = fp4.FP4Linear.from_linear(linear, quant_type="nf4")
+    bnb_packed, bnb_state = B.quantize_4bit(linear.weight.detach(), blocksize=64, quant_type="nf4")
+    assert torch.equal(layer.weight, bnb_packed)
+    x = torch.randn(4, 512, device=device, dtype=torch.float16)
+    bnb_out = (x.double() @ B.dequantize_4bit(bnb_packed, bnb_state).double().t() + linear.bias.double())
+    assert ((layer(x).double() - bnb_out).norm() / bnb_out.norm()).item() < 2e-3
+
+
+def test_from_bnb_reuses_bytes(device):
+    bnb = pytest.importorskip("bitsandbytes")
+    linear = nn.Linear(256, 64)
+    bnb_layer = fp4.swap_linear_with_bnb_linear(linear, dtype=torch.float32, quant_type="nf4").to(device)
+    if getattr(bnb_layer.weight, "quant_state", None) is None:
+        pytest.skip("bitsandbytes did not quantize on this device")
+    layer = fp4.FP4Linear.from_bnb(bnb_layer)
+    assert layer.weight.data_ptr() == bnb_layer.weight.data_ptr()  # no copy, no requantization
+    x = torch.randn(3, 256, device=device)
+    expected = bnb_layer(x)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4)
+    assert isinstance(fp4.TorchFP4Linear(bnb_layer), fp4.FP4Linear)
+
+
+def test_memory_is_packed_bytes_plus_absmax():
+    layer = fp4.FP4Linear.from_linear(nn.Linear(4096, 1024, bias=False), blocksize=64)
+    held = {name: b.numel() * b.element_size() for name, b in layer.named_buffers()}
+    assert held["weight"] == 4096 * 1024 // 2 and held["absmax"] == 4096 * 1024 // 64 * 4
+    assert sum(held.values()) == held["weight"] + held["absmax"] + 16 * 4  # + the 16-entry codebook
+
+
+def test_to_dtype_keeps_quantization_state():
+    layer = fp4.FP4Linear.from_linear(nn.Linear(128, 32))
+    before = layer.dequantize()
+    layer.to(torch.float16)
+    assert layer.absmax.dtype == torch.float32 and layer.weight.dtype == torch.uint8
+    assert torch.equal(layer.dequantize(), before)
+    assert layer(torch.randn(2, 128, dtype=torch.float16)).dtype == torch.float16
+
+
+def test_extra_repr_and_dequantize():
+    layer = fp4.FP4Linear.from_linear(nn.Linear(128, 32), quant_type="nf4", blocksize=128)
+    assert "in_features=128, out_features=32" in repr(layer) and "nf4" in repr(layer) and "blocksize=128" in repr(layer)
+    assert layer.dequantize().shape == (32, 128)
+
+
+def test_rejects_wrong_in_features():
+    layer = fp4.FP4Linear.from_linear(nn.Linear(128, 32))
+    with pytest.raises(ValueError, match="x: expected last dimension 128"):
+        layer(torch.randn(2, 127))
+
+
+def test_rejects_wrong_dtype():
+    layer = fp4.FP4Linear.from_linear(nn.Linear(128, 32))
+    with pytest.raises(TypeError, match="x: expected float32, float16 or bfloat16"):
+        layer(torch.randn(2, 128, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_rejects_wrong_device():
+    layer = fp4.FP4Linear.from_linear(nn.Linear(128, 32))
+    with pytest.raises(ValueError, match="x: expected a tensor on cpu"):
+        layer(torch.randn(2, 128, device="cuda"))
+
+
+def test_from_linear_rejects_other_modules():
+    with pytest.raises(TypeError, match="linear: expected an nn.Linear"):
+        fp4.FP4Linear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+def test_c_linear_rejects_mismatched_bias():
+    from fp4 import _C
+    import numpy as np
+
+    x = np.random.randn(2, 64).astype(np.float32)
+    packed, absmax = np.zeros(16 * 64 // 2, np.uint8), np.ones(16, np.float32)
+    with pytest.raises(ValueError, match="bias: expected 16 elements"):
+        _C.linear_4bit(x, packed, absmax, np.zeros(3, np.float32), np.empty((2, 16), np.float32), "fp4", 64)
