@@ -1,4 +1,4 @@
-"""python -m fp4 <command>: info (the build), check (formats and speed, the main job), bench."""
+"""python -m fp4 <command>: info (the build), check (formats and speed, the main job), bench (one layer vs peers)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,23 @@ def main(argv=None) -> int:
     check.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     check.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
 
+    bench = commands.add_parser("bench", help="time one linear layer: fp4 vs torch and bitsandbytes")
+    bench.add_argument("--device", default=None)
+    bench.add_argument("--shapes", default="4096x4096,14336x4096,4096x14336,28672x8192",
+                       help="comma-separated OUTxIN shapes")
+    bench.add_argument("--batches", default="1")
+    bench.add_argument("--dtypes", default="float16")
+    bench.add_argument("--formats", default="fp4,nf4")
+    bench.add_argument("--repeats", type=int, default=50)
+    bench.add_argument("--json", default=None, help="write the results here")
+
     args = parser.parse_args(argv)
     if args.command == "info":
         from .cli.info import run
     elif args.command == "check":
         from .cli.check import run
+    elif args.command == "bench":
+        from .cli.bench import run
     return run(args)
 
 
