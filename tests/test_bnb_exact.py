@@ -71,12 +71,11 @@ def _bnb_cpu_misreads(device, shape, blocksize):
 
 
 def _bnb_cpu_avx512_rounds_differently(device, dtype, quant_type):
-    """On AVX-512 CPUs bitsandbytes 0.50 dequantizes NF4 to float16 with a vector kernel whose
+    """On AVX-512 CPUs bitsandbytes 0.50 dequantizes to float16 with a vector kernel whose
     rounding differs by one fp16 step from its own reference formula (code * absmax in fp32, then
     round to nearest even) for some elements; fp4 keeps the reference rounding (the format check
     above is exact)."""
-    return device.type == "cpu" and dtype == torch.float16 and quant_type == "nf4" and \
-        torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return device.type == "cpu" and dtype == torch.float16 and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def format_reference(B, packed, state):

@@ -130,3 +130,21 @@ def test_c_linear_rejects_mismatched_bias():
     packed, absmax = np.zeros(16 * 64 // 2, np.uint8), np.ones(16, np.float32)
     with pytest.raises(ValueError, match="bias: expected 16 elements"):
         _C.linear_4bit(x, packed, absmax, np.zeros(3, np.float32), np.empty((2, 16), np.float32), "fp4", 64)
+
+
+@pytest.mark.parametrize("m", [1, 3, 6, 8])
+def test_c_linear_every_gemv_batch(device, m):
+    """The C API's fused kernel at each batch it serves (Python routes larger CUDA batches to
+    dequantize + GEMM, so call it directly), against the fp64 reference."""
+    from fp4 import _C
+    from fp4.functional import _nested_args, _scales_of
+
+    layer = fp4.FP4Linear.from_linear(nn.Linear(512, 96, device=device, dtype=torch.float16), "nf4", double_quant=True)
+    x = torch.randn(m, 512, device=device, dtype=torch.float16)
+    y = torch.full((m, 96), float("nan"), device=device, dtype=torch.float16)
+    state = layer.quant_state
+    stream = torch.cuda.current_stream().cuda_stream if device.type == "cuda" else 0
+    _C.linear_4bit(x, layer.weight.reshape(-1), _scales_of(state), layer.bias, y, "nf4", 64, stream,
+                   **_nested_args(state))
+    ref = _reference(layer, x)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-3

@@ -12,9 +12,12 @@ from .functional import _nested_args, _scales_of
 from .quant_state import QuantState
 
 # Batches up to this many rows take libfp4's fused GEMV on CUDA (it reads the 4-bit weight once);
-# larger batches dequantize into a temporary and use cuBLAS. 8 is the GEMV's largest template; the
-# fused tensor-core GEMM that will move this threshold is the next kernel (see KERNELS.md).
-CUDA_GEMV_MAX_BATCH = 8
+# larger batches dequantize into a temporary and use cuBLAS. Measured on the H100 (fp16, nf4,
+# `python -m fp4 bench`, CUDA graphs, weights beyond L2), (28672, 8192): GEMV 270 us at batch 4,
+# 490 us at 8; dequantize + cuBLAS ~365 us from batch 4 to 16. (4096, 4096): GEMV 23 us at 4,
+# 44 us at 8; dequantize + cuBLAS ~33 us. So the GEMV serves batch <= 4. The fused tensor-core
+# GEMM (issue 4) is what will move this line.
+CUDA_GEMV_MAX_BATCH = 4
 
 
 def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor] = None):
