@@ -1,11 +1,9 @@
 // The 4-bit linear layer on CUDA for small batches (GEMV): y[m, n] = x[m, k] W^T + b, m <= 8.
 //
-// One warp owns one output feature. Each lane streams 16-byte chunks of the weight row (32 codes,
-// always inside one absmax block because blocks hold >= 32 codes and rows start on a 32-code
-// boundary when k % 32 == 0), looks the codes up in a 16-entry shared-memory table (16 floats sit
-// in 16 distinct banks, so lanes never conflict), and accumulates code * x for the chunk before
-// applying the block's scale once. fp32 throughout; a warp shuffle reduces the lanes.
-// Rows whose length is not a multiple of 32 take a simple per-output kernel.
+// One warp owns one output feature and streams its weight row; each code is looked up in a 16-entry
+// shared-memory table (16 floats in 16 distinct banks, so lanes never conflict), code * x is
+// accumulated per group of 8 and the block's scale applied once per group. fp32 throughout; a warp
+// shuffle reduces the lanes. Rows whose length is not a multiple of 8 take a simple kernel.
 #include "common.cuh"
 #include "formats.hpp"
 #include "kernels.hpp"
@@ -14,7 +12,7 @@ namespace fp4::cuda {
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
-constexpr int kLoadsInFlight = 4;
+constexpr int kLoadsInFlight = 8;
 constexpr int kMaxBatch = 8;
 
 struct Code16 {
@@ -22,11 +20,9 @@ struct Code16 {
 };
 
 // Weights are read once: keep them out of L1.
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
+__device__ __forceinline__ uint32_t load_stream(const uint32_t* p) {
+  uint32_t r;
+  asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(r) : "l"(p));
   return r;
 }
 
@@ -69,51 +65,49 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int lane = threadIdx.x % 32;
   const int64_t j = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (j >= n) return;
-  const int64_t chunks = k / 32;
-  const uint4* row = reinterpret_cast<const uint4*>(packed + j * k / 2);
+  // A lane owns groups of 8 consecutive codes (one 4-byte word), and neighbouring lanes own
+  // neighbouring groups: a warp's weight load is 128 contiguous bytes and its activation load 256
+  // or 512 contiguous bytes, so the L1 serves each in the fewest wavefronts. (Giving a lane 32
+  // consecutive codes instead made the activation loads strided; ncu showed L1 at 95% and the
+  // kernel at 44% of the DRAM floor.)
+  const int64_t groups = k / 8;
+  const uint32_t* row = reinterpret_cast<const uint32_t*>(packed + j * k / 2);
   float acc[M];
 #pragma unroll
   for (int r = 0; r < M; ++r) acc[r] = 0.0f;
-  // Issue kLoadsInFlight 16-byte weight loads (and their scales) before using any of them, so
-  // each warp keeps several DRAM requests outstanding: at batch 1 the kernel is latency-bound
-  // otherwise (measured: 44% of the copy-bandwidth floor with two loads in flight).
-  for (int64_t base = lane; base < chunks; base += 32 * kLoadsInFlight) {
-    uint4 w[kLoadsInFlight];
+  auto consume = [&](uint32_t word, float scale, int64_t g) {
+    float part[M];
+#pragma unroll
+    for (int r = 0; r < M; ++r) part[r] = 0.0f;
+    float xv[M][8];
+#pragma unroll
+    for (int r = 0; r < M; ++r) load8(x + r * k + g * 8, xv[r]);
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const uint32_t byte = (word >> (8 * t)) & 0xffu;
+      const float w_even = table[byte >> 4], w_odd = table[byte & 15u];
+#pragma unroll
+      for (int r = 0; r < M; ++r) part[r] = fmaf(w_odd, xv[r][2 * t + 1], fmaf(w_even, xv[r][2 * t], part[r]));
+    }
+#pragma unroll
+    for (int r = 0; r < M; ++r) acc[r] = fmaf(scale, part[r], acc[r]);
+  };
+  // A group of 8 codes never straddles two absmax blocks (blocks hold >= 32 codes, rows start on
+  // an 8-code boundary).
+  auto scale_of = [&](int64_t g) { return block_scale(scales, (j * k + g * 8) >> blocksize_log2); };
+  // kLoadsInFlight weight loads are issued before any is used, to keep DRAM requests outstanding.
+  const int64_t full = groups - groups % (32 * kLoadsInFlight);
+  for (int64_t base = lane; base < full; base += 32 * kLoadsInFlight) {
+    uint32_t w[kLoadsInFlight];
     float scale[kLoadsInFlight];
 #pragma unroll
-    for (int u = 0; u < kLoadsInFlight; ++u) {
-      const int64_t c = base + 32 * u;
-      if (c < chunks) {
-        w[u] = load_stream(row + c);
-        scale[u] = block_scale(scales, (j * k + c * 32) >> blocksize_log2);
-      }
-    }
+    for (int u = 0; u < kLoadsInFlight; ++u) w[u] = load_stream(row + base + 32 * u);
 #pragma unroll
-    for (int u = 0; u < kLoadsInFlight; ++u) {
-      const int64_t c = base + 32 * u;
-      if (c >= chunks) break;
-      const uint32_t words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
-      float part[M];
+    for (int u = 0; u < kLoadsInFlight; ++u) scale[u] = scale_of(base + 32 * u);
 #pragma unroll
-      for (int r = 0; r < M; ++r) part[r] = 0.0f;
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        float xv[M][8];
-#pragma unroll
-        for (int r = 0; r < M; ++r) load8(x + r * k + c * 32 + q * 8, xv[r]);
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {
-          const uint32_t byte = (words[q] >> (8 * t)) & 0xffu;
-          const float w_even = table[byte >> 4], w_odd = table[byte & 15u];
-#pragma unroll
-          for (int r = 0; r < M; ++r)
-            part[r] = fmaf(w_odd, xv[r][2 * t + 1], fmaf(w_even, xv[r][2 * t], part[r]));
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < M; ++r) acc[r] = fmaf(scale[u], part[r], acc[r]);
-    }
+    for (int u = 0; u < kLoadsInFlight; ++u) consume(w[u], scale[u], base + 32 * u);
   }
+  for (int64_t g = full + lane; g < groups; g += 32) consume(load_stream(row + g), scale_of(g), g);
 #pragma unroll
   for (int r = 0; r < M; ++r)
     for (int offset = 16; offset > 0; offset >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], offset);
@@ -160,13 +154,13 @@ void linear_4bit(const fp4_exec& exec, fp4_quant_type type, const void* x, fp4_d
   for (int i = 0; i < 16; ++i) code.v[i] = codebook(type)[i];
   int log2 = 0;
   while ((int64_t(1) << log2) < blocksize) ++log2;
-  const bool aligned = reinterpret_cast<uintptr_t>(packed) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+  const bool aligned = reinterpret_cast<uintptr_t>(packed) % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* xt = static_cast<const T*>(x);
     const T* bt = static_cast<const T*>(bias);
     T* yt = static_cast<T*>(y);
-    if (k % 32 != 0 || !aligned) {
+    if (k % 8 != 0 || !aligned) {
       linear_generic_kernel<T><<<grid_for(m * n, 256), 256, 0, stream_of(exec)>>>(xt, m, k, packed, scales, n,
                                                                                   blocksize, code, bt, yt);
       return;

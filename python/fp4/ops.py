@@ -13,11 +13,12 @@ from .quant_state import QuantState
 
 # Batches up to this many rows take libfp4's fused GEMV on CUDA (it reads the 4-bit weight once);
 # larger batches dequantize into a temporary and use cuBLAS. Measured on the H100 (fp16, nf4,
-# `python -m fp4 bench`, CUDA graphs, weights beyond L2), (28672, 8192): GEMV 270 us at batch 4,
-# 490 us at 8; dequantize + cuBLAS ~365 us from batch 4 to 16. (4096, 4096): GEMV 23 us at 4,
-# 44 us at 8; dequantize + cuBLAS ~33 us. So the GEMV serves batch <= 4. The fused tensor-core
-# GEMM (issue 4) is what will move this line.
-CUDA_GEMV_MAX_BATCH = 4
+# `python -m fp4 bench`, CUDA graphs, weights beyond L2), (28672, 8192): GEMV 71 / 89 / 137 us at
+# batch 1 / 2 / 4, where dequantize + cuBLAS (bitsandbytes' own path) costs ~365 us at any batch
+# up to 16; (4096, 4096): GEMV 9 / 11 / 16 us against ~24-33 us. The GEMV's largest template is 8,
+# and it still wins there (see the closing note of issue 3). The fused tensor-core GEMM (issue 4)
+# is what will move this line further.
+CUDA_GEMV_MAX_BATCH = 8
 
 
 def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor] = None):
