@@ -148,3 +148,14 @@ def test_c_linear_every_gemv_batch(device, m):
                    **_nested_args(state))
     ref = _reference(layer, x)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_to_device_moves_the_quantized_weight():
+    layer = fp4.FP4Linear.from_linear(nn.Linear(256, 64), quant_type="nf4", double_quant=True)
+    x = torch.randn(3, 256)
+    expected = layer(x)
+    layer.to("cuda")
+    assert all(b.device.type == "cuda" for b in layer.buffers()) and layer.absmax.dtype == torch.float32
+    torch.testing.assert_close(layer(x.cuda()).cpu(), expected, rtol=1e-5, atol=1e-5)
