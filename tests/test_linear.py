@@ -157,5 +157,7 @@ def test_to_device_moves_the_quantized_weight():
     x = torch.randn(3, 256)
     expected = layer(x)
     layer.to("cuda")
-    assert all(b.device.type == "cuda" for b in layer.buffers()) and layer.absmax.dtype == torch.float32
+    assert all(b.device.type == "cuda" for b in layer.buffers())
+    # nested statistics: 8-bit codes and their fp32 scales, dtypes untouched by the move
+    assert layer.absmax.dtype == torch.uint8 and layer.nested_absmax.dtype == torch.float32
     torch.testing.assert_close(layer(x.cuda()).cpu(), expected, rtol=1e-5, atol=1e-5)
