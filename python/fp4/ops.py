@@ -21,12 +21,32 @@ from .quant_state import QuantState
 CUDA_GEMV_MAX_BATCH = 8
 
 
+class KernelArgs:
+    """The arrays and options libfp4 needs for one quantized weight, prepared once (flat uint8
+    codes, float32 scales, nested statistics) so a forward call does no per-call tensor plumbing."""
+
+    __slots__ = ("codes", "scales", "nested", "quant_type", "blocksize", "out_features", "in_features")
+
+    def __init__(self, packed: torch.Tensor, state: QuantState):
+        self.codes = packed.view(torch.uint8).reshape(-1)
+        self.scales = _scales_of(state)
+        self.nested = _nested_args(state)
+        self.quant_type = state.quant_type
+        self.blocksize = int(state.blocksize)
+        self.out_features, self.in_features = (int(d) for d in state.shape)
+
+
 def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor] = None):
     """y = x @ W.T + bias, W the 4-bit weight of shape state.shape = (out_features, in_features).
 
     x: [..., in_features] float32/float16/bfloat16; the result has x's dtype and leading dims.
     """
-    out_features, in_features = state.shape
+    return linear_4bit_prepared(x, KernelArgs(packed, state), bias)
+
+
+def linear_4bit_prepared(x: torch.Tensor, args: KernelArgs, bias: Optional[torch.Tensor] = None):
+    """linear_4bit with the weight's arguments prepared by KernelArgs (what FP4Linear caches)."""
+    out_features, in_features = args.out_features, args.in_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     m = x2.shape[0]
@@ -35,12 +55,12 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: 
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     if x.device.type == "cuda" and m > CUDA_GEMV_MAX_BATCH:
-        weight = torch.empty(state.shape, dtype=x.dtype, device=x.device)
-        _C.dequantize_4bit(packed.view(torch.uint8).reshape(-1), _scales_of(state), weight.reshape(-1),
-                           state.quant_type, int(state.blocksize), stream_of(x), **_nested_args(state))
+        weight = torch.empty(out_features, in_features, dtype=x.dtype, device=x.device)
+        _C.dequantize_4bit(args.codes, args.scales, weight.reshape(-1), args.quant_type, args.blocksize, stream_of(x),
+                           **args.nested)
         return torch.nn.functional.linear(x, weight, bias)
     x2 = x2.contiguous()
     y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
-    _C.linear_4bit(x2, packed.view(torch.uint8).reshape(-1), _scales_of(state), None if bias is None else bias.contiguous(),
-                   y, state.quant_type, int(state.blocksize), stream_of(x), **_nested_args(state))
+    _C.linear_4bit(x2, args.codes, args.scales, None if bias is None else bias.contiguous(), y, args.quant_type,
+                   args.blocksize, stream_of(x), **args.nested)
     return y.reshape(*lead, out_features)

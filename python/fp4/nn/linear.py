@@ -10,7 +10,7 @@ from torch import nn
 
 from .. import functional as F
 from .._torch import FLOAT_DTYPES, check_blocksize, check_quant_type
-from ..ops import linear_4bit
+from ..ops import KernelArgs, linear_4bit_prepared
 from ..quant_state import QuantState
 
 # Buffers holding the quantized weight: moved between devices, never cast to another dtype.
@@ -54,6 +54,7 @@ class FP4Linear(nn.Module):
         self.weight_dtype = state.dtype
         self.nested_blocksize = int(state.state2.blocksize) if nested else 256
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self._kernel_args = None  # built on first forward; dropped whenever buffers move
 
     # ---- constructors -----------------------------------------------------------------------
     @classmethod
@@ -104,11 +105,14 @@ class FP4Linear(nn.Module):
             raise ValueError(f"x: expected last dimension {self.in_features} (in_features), got shape {tuple(x.shape)}")
         if x.device != self.weight.device:
             raise ValueError(f"x: expected a tensor on {self.weight.device} (the layer's device), got {x.device}")
-        return linear_4bit(x, self.weight, self.quant_state, self.bias)
+        if self._kernel_args is None:
+            self._kernel_args = KernelArgs(self.weight, self.quant_state)
+        return linear_4bit_prepared(x, self._kernel_args, self.bias)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() must not cast the quantization buffers: only their device may change.
         kept = {name: getattr(self, name) for name in _QUANT_BUFFERS + ("code",)}
+        self._kernel_args = None
         super()._apply(fn, recurse)
         for name, before in kept.items():
             after = getattr(self, name)
