@@ -161,3 +161,15 @@ def test_to_device_moves_the_quantized_weight():
     # nested statistics: 8-bit codes and their fp32 scales, dtypes untouched by the move
     assert layer.absmax.dtype == torch.uint8 and layer.nested_absmax.dtype == torch.float32
     torch.testing.assert_close(layer(x.cuda()).cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
+@pytest.mark.parametrize("in_features", [1024, 200, 7])
+def test_cpu_kernels_agree_on_every_isa(monkeypatch, isa, in_features):
+    """Each CPU code path (AVX-512 / AVX2 / scalar, forced lower with FP4_CPU_ISA) against fp64."""
+    if isa != "native":
+        monkeypatch.setenv("FP4_CPU_ISA", isa)
+    layer = fp4.FP4Linear.from_linear(nn.Linear(in_features, 50), quant_type="nf4", double_quant=True, blocksize=32)
+    x = torch.randn(11, in_features)
+    ref = _reference(layer, x)
+    assert ((layer(x).double() - ref).norm() / ref.norm()).item() < 1e-5

@@ -1,13 +1,13 @@
 // The 4-bit linear layer on the CPU: y = x W^T + b with W decoded on the fly, never materialised.
 //
 // Each thread takes a range of output features. For one weight row it walks the blocks the row
-// covers (a block may straddle two rows), builds that block's 16 scaled code values, and decodes 8
-// weights at a time into a vector register: AVX2 looks them up with two 8-lane permutes and a blend
-// on the code's top bit. The decoded vector is multiplied into up to 8 input rows at once, so the
-// decode cost is shared across the batch. The vector functions are compiled for AVX2 and chosen
-// at run time (AVX2+FMA when the CPU has it, portable scalar code otherwise; an AVX-512 variant is
-// future work -- the AVX2 path runs on AVX-512 machines).
+// covers (a block may straddle two rows), builds that block's 16 scaled code values, and decodes a
+// vector of weights at a time (AVX2: 8 lanes, two permutes and a blend on the code's top bit;
+// AVX-512: 16 lanes, one permute over all 16 codes). Each decoded vector is multiplied into up to 8
+// input rows, so the decode cost is shared across the batch. The vector kernel is compiled for
+// AVX-512 and for AVX2 and the best one the CPU has is chosen at run time (scalar code otherwise).
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -55,67 +55,98 @@ void row_dot_generic(const Problem& p, int64_t j, int64_t r0, int rows, float* a
 }
 
 #ifdef FP4_X86
-// 8 weights from 4 bytes: lanes hold codes in element order (high nibble first within a byte).
-__attribute__((target("avx2,fma"))) inline __m256 decode8(const uint8_t* bytes, __m256 lo, __m256 hi) {
-  uint32_t word;
-  std::memcpy(&word, bytes, 4);
-  const __m256i b = _mm256_cvtepu8_epi32(_mm_cvtsi32_si128(int(word)));  // byte per lane, duplicated below
-  // lanes 0..7 want bytes 0,0,1,1,2,2,3,3: high nibble in even lanes, low in odd lanes
-  const __m256i idx = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-  const __m256i bytes_dup = _mm256_permutevar8x32_epi32(b, idx);
-  const __m256i shift = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
-  const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(bytes_dup, shift), _mm256_set1_epi32(15));
-  const __m256 from_lo = _mm256_permutevar8x32_ps(lo, q);
-  const __m256 from_hi = _mm256_permutevar8x32_ps(hi, q);
-  // code >= 8: take the upper table (bit 3 moved into the sign bit for blendv)
-  const __m256 select = _mm256_castsi256_ps(_mm256_slli_epi32(q, 28));
-  return _mm256_blendv_ps(from_lo, from_hi, select);
-}
+// Each ISA gets a small vector policy (width, 16-entry table, decode, fma, horizontal sum) and its
+// own copy of the kernel in linear_simd.inc, compiled for that ISA by the pragmas around it.
+#if defined(__clang__)
+#define FP4_TARGET_BEGIN(isa) _Pragma("clang attribute push (__attribute__((target(" #isa "))), apply_to = function)")
+#define FP4_TARGET_END _Pragma("clang attribute pop")
+#else
+#define FP4_PRAGMA(x) _Pragma(#x)
+#define FP4_TARGET_BEGIN(isa) _Pragma("GCC push_options") FP4_PRAGMA(GCC target(isa))
+#define FP4_TARGET_END _Pragma("GCC pop_options")
+#endif
 
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
-}
-
-// Needs k % 8 == 0, so every row and every block segment starts on an 8-element boundary.
-template <int R>
-__attribute__((target("avx2,fma"))) void row_dot_avx2(const Problem& p, int64_t j, int64_t r0, float* out) {
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  const int64_t start = j * p.k;
-  const float* code = p.code->data();
-  for (int64_t i = 0; i < p.k;) {
-    const int64_t b = (start + i) / p.blocksize;
-    const int64_t seg_end = std::min<int64_t>((b + 1) * p.blocksize - start, p.k);
-    const __m256 scale = _mm256_set1_ps(block_scale(*p.scales, b));
-    const __m256 lo = _mm256_mul_ps(_mm256_loadu_ps(code), scale);
-    const __m256 hi = _mm256_mul_ps(_mm256_loadu_ps(code + 8), scale);
-    const uint8_t* bytes = p.packed + (start + i) / 2;
-    for (; i < seg_end; i += 8, bytes += 4) {
-      const __m256 w = decode8(bytes, lo, hi);
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p.x + (r0 + r) * p.k + i), acc[r]);
-    }
+FP4_TARGET_BEGIN("avx2,fma")
+namespace avx2 {
+struct Vec {
+  static constexpr int kWidth = 8;
+  using V = __m256;
+  struct Table {
+    __m256 lo, hi;  // scaled codes 0..7 and 8..15
+  };
+  static Table table(const float* code, float scale) {
+    const __m256 s = _mm256_set1_ps(scale);
+    return {_mm256_mul_ps(_mm256_loadu_ps(code), s), _mm256_mul_ps(_mm256_loadu_ps(code + 8), s)};
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
-}
-
-__attribute__((target("avx2,fma"))) void rows_avx2(const Problem& p, int64_t j, int64_t r0, int rows, float* out) {
-  switch (rows) {
-    case 1: return row_dot_avx2<1>(p, j, r0, out);
-    case 2: return row_dot_avx2<2>(p, j, r0, out);
-    case 3: return row_dot_avx2<3>(p, j, r0, out);
-    case 4: return row_dot_avx2<4>(p, j, r0, out);
-    case 5: return row_dot_avx2<5>(p, j, r0, out);
-    case 6: return row_dot_avx2<6>(p, j, r0, out);
-    case 7: return row_dot_avx2<7>(p, j, r0, out);
-    default: return row_dot_avx2<8>(p, j, r0, out);
+  // 8 weights from 4 bytes, in element order (high nibble first within a byte): two 8-lane
+  // permutes and a blend on the code's top bit.
+  static V decode(const uint8_t* bytes, const Table& t) {
+    uint32_t word;
+    std::memcpy(&word, bytes, 4);
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_cvtsi32_si128(int(word)));
+    const __m256i dup = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(dup, _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0)),
+                                       _mm256_set1_epi32(15));
+    const __m256 select = _mm256_castsi256_ps(_mm256_slli_epi32(q, 28));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, q), _mm256_permutevar8x32_ps(t.hi, q), select);
   }
-}
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float hsum(V v) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+  }
+};
+#include "cpu/linear_simd.inc"
+}  // namespace avx2
+FP4_TARGET_END
 
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's own avx512fintrin.h trips -Wmaybe-uninitialized (its _mm512_undefined_* idiom).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+FP4_TARGET_BEGIN("avx512f,avx512bw,avx2,fma")
+namespace avx512 {
+struct Vec {
+  static constexpr int kWidth = 16;
+  using V = __m512;
+  using Table = __m512;  // all 16 scaled codes in one register
+  static Table table(const float* code, float scale) {
+    return _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale));
+  }
+  // 16 weights from 8 bytes: duplicate each byte into two lanes, shift the even lanes' copy down a
+  // nibble, and look all 16 codes up with one permute.
+  static V decode(const uint8_t* bytes, const Table& t) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
+    const __m128i dup = _mm_shuffle_epi8(b, _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7));
+    const __m512i lanes = _mm512_cvtepu8_epi32(dup);
+    const __m512i shift = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
+    const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(lanes, shift), _mm512_set1_epi32(15));
+    return _mm512_permutexvar_ps(q, t);
+  }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+};
+#include "cpu/linear_simd.inc"
+}  // namespace avx512
+FP4_TARGET_END
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+Isa best_isa() {
+  static const Isa isa = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+                             ? Isa::kAvx512
+                         : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Isa::kAvx2
+                                                                                              : Isa::kGeneric;
+  return isa;
 }
 #endif
 
@@ -137,10 +168,15 @@ void linear_typed(fp4_quant_type type, const T* x, int64_t m, int64_t k, const u
     x32 = xf.data();
   }
   const Problem p{x32, m, k, n, blocksize, packed, &scales, &codebook(type)};
+  // The vector kernels need every row and block segment to start on a vector boundary.
 #ifdef FP4_X86
-  const bool vector = cpu_has_avx2() && k % 8 == 0;
-#else
-  const bool vector = false;
+  Isa isa = best_isa();
+  if (isa == Isa::kAvx512 && k % 16 != 0) isa = Isa::kAvx2;
+  if (isa == Isa::kAvx2 && k % 8 != 0) isa = Isa::kGeneric;
+  if (const char* forced = std::getenv("FP4_CPU_ISA")) {  // testing: force a lower ISA
+    if (std::strcmp(forced, "generic") == 0) isa = Isa::kGeneric;
+    if (std::strcmp(forced, "avx2") == 0 && isa == Isa::kAvx512) isa = Isa::kAvx2;
+  }
 #endif
   // Enough output features per task that each thread streams a long run of weight rows.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
@@ -150,8 +186,10 @@ void linear_typed(fp4_quant_type type, const T* x, int64_t m, int64_t k, const u
       const int rows = int(std::min<int64_t>(kRowsPerPass, m - r0));
       for (int64_t j = j0; j < j1; ++j) {
 #ifdef FP4_X86
-        if (vector) {
-          rows_avx2(p, j, r0, rows, acc);
+        if (isa == Isa::kAvx512) {
+          avx512::rows(p, j, r0, rows, acc);
+        } else if (isa == Isa::kAvx2) {
+          avx2::rows(p, j, r0, rows, acc);
         } else
 #endif
         {
