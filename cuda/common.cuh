@@ -8,9 +8,27 @@
 #include <cstdint>
 
 #include "error.hpp"
+#include "formats.hpp"
 #include "fp4/fp4.h"
 
 namespace fp4::cuda {
+
+// A format's 16 code values, passed to kernels by value (they copy it to shared memory).
+struct Code16 {
+  float v[16];
+};
+inline Code16 code16_of(fp4_quant_type type) {
+  Code16 code;
+  for (int i = 0; i < 16; ++i) code.v[i] = codebook(type)[i];
+  return code;
+}
+
+// Blocksizes are powers of two: kernels shift instead of dividing.
+inline int log2_of(int64_t blocksize) {
+  int log2 = 0;
+  while ((int64_t(1) << log2) < blocksize) ++log2;
+  return log2;
+}
 
 inline cudaStream_t stream_of(const fp4_exec& exec) { return static_cast<cudaStream_t>(exec.stream); }
 

@@ -1,15 +1,10 @@
 // 4-bit dequantization on CUDA: out[i] = code[q_i] * scale(block) rounded to the output dtype.
 // Each thread expands 4 packed bytes (8 outputs) per step; a 16-byte-aligned output gets vector stores.
 #include "common.cuh"
-#include "formats.hpp"
 #include "kernels.hpp"
 
 namespace fp4::cuda {
 namespace {
-
-struct Code16 {
-  float v[16];
-};
 
 template <typename T>
 __global__ void dequantize_4bit_kernel(const uint8_t* __restrict__ packed, fp4_scales scales, int64_t n,
@@ -50,10 +45,8 @@ __global__ void dequantize_4bit_kernel(const uint8_t* __restrict__ packed, fp4_s
 
 void dequantize_4bit(const fp4_exec& exec, fp4_quant_type type, const uint8_t* packed, const fp4_scales& scales,
                      int64_t n, int64_t blocksize, void* out, fp4_dtype dtype) {
-  Code16 code;
-  for (int i = 0; i < 16; ++i) code.v[i] = codebook(type)[i];
-  int log2 = 0;
-  while ((int64_t(1) << log2) < blocksize) ++log2;
+  const Code16 code = code16_of(type);
+  const int log2 = log2_of(blocksize);
   constexpr int kThreads = 256;
   // A bounded grid that strides: one 256-thread CTA per 2048 outputs meant ~900k CTAs for a
   // (28672, 8192) weight, and launching them, not moving bytes, set the time (measured 620 us).

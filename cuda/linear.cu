@@ -5,7 +5,6 @@
 // accumulated per group of 8 and the block's scale applied once per group. fp32 throughout; a warp
 // shuffle reduces the lanes. Rows whose length is not a multiple of 8 take a simple kernel.
 #include "common.cuh"
-#include "formats.hpp"
 #include "kernels.hpp"
 
 namespace fp4::cuda {
@@ -14,10 +13,6 @@ namespace {
 constexpr int kWarpsPerBlock = 8;
 constexpr int kLoadsInFlight = 8;
 constexpr int kMaxBatch = 8;
-
-struct Code16 {
-  float v[16];
-};
 
 // Weights are read once: keep them out of L1.
 __device__ __forceinline__ uint32_t load_stream(const uint32_t* p) {
@@ -150,10 +145,8 @@ int64_t gemv_max_batch() { return kMaxBatch; }
 void linear_4bit(const fp4_exec& exec, fp4_quant_type type, const void* x, fp4_dtype dtype, int64_t m, int64_t k,
                  const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
                  void* y) {
-  Code16 code;
-  for (int i = 0; i < 16; ++i) code.v[i] = codebook(type)[i];
-  int log2 = 0;
-  while ((int64_t(1) << log2) < blocksize) ++log2;
+  const Code16 code = code16_of(type);
+  const int log2 = log2_of(blocksize);
   const bool aligned = reinterpret_cast<uintptr_t>(packed) % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;

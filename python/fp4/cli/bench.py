@@ -123,7 +123,6 @@ def run(args) -> int:
                           f"{r['torch_us'] / r['fp4_us']:>7.2f}x "
                           f"{'-' if bnb is None else format(bnb / r['fp4_us'], '.2f') + 'x':>7} "
                           f"{'-' if r['fp4_pct_floor'] is None else format(r['fp4_pct_floor'], '.0f'):>7}")
-                    del r
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
     if args.json:

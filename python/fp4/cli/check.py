@@ -9,6 +9,7 @@ import torch
 
 from .. import functional as F
 from .info import describe
+from .speed import run_table
 
 
 def _pick_device(requested):
@@ -61,11 +62,6 @@ def run(args) -> int:
           f"bitsandbytes {info['bitsandbytes']} | device: {device}")
     torch.manual_seed(int(time.time()))
     ok = check_formats(device, args.quick)
-    try:
-        from . import speed
-    except ImportError:
-        speed = None
-    if speed is not None:
-        ok &= speed.run_table(device, quick=args.quick)
+    ok &= run_table(device, quick=args.quick)
     print(f"check {'passed' if ok else 'FAILED'} in {time.perf_counter() - start:.1f} s")
     return 0 if ok else 1

@@ -14,7 +14,7 @@ from ..ops import KernelArgs, linear_4bit_prepared
 from ..quant_state import QuantState
 
 # Buffers holding the quantized weight: moved between devices, never cast to another dtype.
-_QUANT_BUFFERS = ("weight", "absmax", "nested_absmax", "nested_code", "nested_offset")
+_QUANT_BUFFERS = ("weight", "absmax", "nested_absmax", "nested_code", "nested_offset", "code")
 
 
 class FP4Linear(nn.Module):
@@ -111,7 +111,7 @@ class FP4Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() must not cast the quantization buffers: only their device may change.
-        kept = {name: getattr(self, name) for name in _QUANT_BUFFERS + ("code",)}
+        kept = {name: getattr(self, name) for name in _QUANT_BUFFERS}
         self._kernel_args = None
         super()._apply(fn, recurse)
         for name, before in kept.items():
