@@ -52,6 +52,14 @@ class QuantState:
             self.state2.to(device)
         return self
 
+    def clone(self) -> "QuantState":
+        """A copy holding its own tensors."""
+        return QuantState(absmax=self.absmax.clone(), shape=self.shape,
+                          code=None if self.code is None else self.code.clone(), dtype=self.dtype,
+                          blocksize=self.blocksize, quant_type=self.quant_type,
+                          offset=None if self.offset is None else self.offset.clone(),
+                          state2=None if self.state2 is None else self.state2.clone())
+
     def nbytes(self) -> int:
         """Bytes of device memory the state holds."""
         total = sum(t.numel() * t.element_size() for t in (self.absmax, self.code, self.offset) if t is not None)

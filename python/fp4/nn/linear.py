@@ -8,7 +8,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import checkpoint_format
 from .. import functional as F
+from .. import library  # noqa: F401  (registers torch.ops.fp4.*)
 from .._torch import FLOAT_DTYPES, check_blocksize, check_quant_type
 from ..ops import KernelArgs, linear_4bit_prepared
 from ..quant_state import QuantState
@@ -27,6 +29,12 @@ class FP4Linear(nn.Module):
 
     use_codebook_dequant: accepted for torch-bnb-fp4 compatibility. fp4's kernels always decode
     through the 16-entry codebook; both choices give identical results.
+
+    The 4-bit weight is frozen; gradients flow to the input (and to the bias once
+    `layer.bias.requires_grad_()`), which is what QLoRA-style adapters need. `state_dict()` holds
+    bitsandbytes' own keys (`weight`, `weight.absmax`, `weight.quant_map`, `weight.nested_*`,
+    `weight.quant_state.bitsandbytes__<fp4|nf4>`), so checkpoints load into and from
+    bitsandbytes' Linear4bit and Hugging Face bnb models; loading never needs bitsandbytes.
     """
 
     def __init__(self, layer: Optional[nn.Module] = None, use_codebook_dequant: bool = True, *,
@@ -43,17 +51,25 @@ class FP4Linear(nn.Module):
         self.out_features, self.in_features = (int(d) for d in state.shape)
         self.quant_type = check_quant_type(state.quant_type)
         self.blocksize = check_blocksize(int(state.blocksize))
-        self.register_buffer("weight", packed.detach())
+        self._set_quantized(packed, state)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    def _set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
+        # Only `weight` is a persistent buffer: the state-dict entries of the others are written in
+        # bitsandbytes' key names by _save_to_state_dict.
         nested = state.nested
-        self.register_buffer("absmax", state.absmax.detach())
-        self.register_buffer("nested_absmax", state.state2.absmax.detach() if nested else None)
-        self.register_buffer("nested_code", state.state2.code.detach() if nested else None)
-        self.register_buffer("nested_offset", state.offset.detach().reshape(()) if nested else None)
+        self.register_buffer("weight", packed.detach())
+        self.register_buffer("absmax", state.absmax.detach(), persistent=False)
+        self.register_buffer("nested_absmax", state.state2.absmax.detach() if nested else None, persistent=False)
+        self.register_buffer("nested_code", state.state2.code.detach() if nested else None, persistent=False)
+        self.register_buffer("nested_offset", state.offset.detach().reshape(()) if nested else None,
+                             persistent=False)
         self.register_buffer("code", state.code.detach() if state.code is not None else
-                             F.get_4bit_type(self.quant_type, packed.device))
+                             F.get_4bit_type(self.quant_type, packed.device), persistent=False)
+        self.quant_type = state.quant_type
+        self.blocksize = int(state.blocksize)
         self.weight_dtype = state.dtype
         self.nested_blocksize = int(state.state2.blocksize) if nested else 256
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         self._kernel_args = None  # built on first forward; dropped whenever buffers move
 
     # ---- constructors -----------------------------------------------------------------------
@@ -78,6 +94,9 @@ class FP4Linear(nn.Module):
         if state is None:
             raise ValueError("layer: its weight is not quantized yet (bitsandbytes quantizes when the layer is "
                              "moved to its device, e.g. layer.cuda())")
+        if getattr(state, "packing_format_for_cpu", False):
+            packed, state = _undo_bnb_cpu_packing(layer.weight.data, state)
+            return cls(packed=packed, state=state, bias=layer.bias)
         return cls(packed=layer.weight.data, state=QuantState.from_bnb(state), bias=layer.bias)
 
     # ---- state -----------------------------------------------------------------------------
@@ -105,9 +124,61 @@ class FP4Linear(nn.Module):
             raise ValueError(f"x: expected last dimension {self.in_features} (in_features), got shape {tuple(x.shape)}")
         if x.device != self.weight.device:
             raise ValueError(f"x: expected a tensor on {self.weight.device} (the layer's device), got {x.device}")
+        bias = self.bias
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                x.requires_grad or (bias is not None and bias.requires_grad))):
+            # The torch op: traced by torch.compile, differentiable by autograd.
+            return torch.ops.fp4.linear_4bit(x, self.weight, self.absmax, bias, self.quant_type, self.blocksize,
+                                             self.out_features, self.nested_absmax, self.nested_code,
+                                             self.nested_offset, self.nested_blocksize)
+        # Eager inference: the same kernel without the dispatcher's per-call cost.
         if self._kernel_args is None:
-            self._kernel_args = KernelArgs(self.weight, self.quant_state)
-        return linear_4bit_prepared(x, self._kernel_args, self.bias)
+            self._kernel_args = KernelArgs.of_state(self.weight, self.quant_state)
+        return linear_4bit_prepared(x, self._kernel_args, bias)
+
+    # ---- checkpoints in bitsandbytes' key names ----------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, value in checkpoint_format.to_state_dict(self.weight, self.quant_state).items():
+            if name != "weight":
+                destination[prefix + name] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        ours = [k for k in state_dict if k.startswith(prefix + "weight") or k == prefix + "bias"]
+        if not ours:  # nothing for this layer (a partial state dict): torch reports it as missing
+            missing_keys.extend(prefix + name for name in ("weight", "bias") if getattr(self, name) is not None)
+            return
+        try:
+            packed, state = checkpoint_format.from_state_dict(state_dict, prefix, device=self.weight.device)
+        except checkpoint_format.CheckpointError as e:
+            error_msgs.append(str(e))
+            return
+        if tuple(state.shape) != (self.out_features, self.in_features):
+            error_msgs.append(f"{prefix}weight: size mismatch, the checkpoint's weight has shape {tuple(state.shape)}, "
+                              f"this layer ({self.out_features}, {self.in_features})")
+            return
+        bias_key = prefix + "bias"
+        bias = state_dict.get(bias_key)
+        if self.bias is not None and bias is None:
+            missing_keys.append(bias_key)
+        elif self.bias is None and bias is not None:
+            unexpected_keys.append(bias_key)
+        elif bias is not None and bias.shape != self.bias.shape:
+            error_msgs.append(f"{bias_key}: size mismatch, expected {tuple(self.bias.shape)}, got {tuple(bias.shape)}")
+            return
+        # Everything checked: only now does the layer change.
+        if strict:
+            known = set(checkpoint_format.to_state_dict(packed, state)) | {"bias"}
+            unexpected_keys.extend(k for k in ours if k[len(prefix):] not in known)
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        self._set_quantized(packed if assign else packed.clone(), state if assign else state.clone())
+        if self.bias is not None and bias is not None:
+            with torch.no_grad():
+                if self.bias.is_meta or assign:
+                    self.bias = nn.Parameter(bias.detach().clone(), requires_grad=self.bias.requires_grad)
+                else:
+                    self.bias.copy_(bias)
 
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() must not cast the quantization buffers: only their device may change.
@@ -128,6 +199,22 @@ class FP4Linear(nn.Module):
 
 # torch-bnb-fp4's name for the same layer.
 TorchFP4Linear = FP4Linear
+
+
+def _undo_bnb_cpu_packing(packed: torch.Tensor, state):
+    """bitsandbytes 0.50 re-lays a Linear4bit's weight out for its AVX512-BF16 CPU kernel on the first
+    eval forward: within each group of 32 rows, 64-code runs are split into low and high nibbles,
+    and absmax becomes a [in/blocksize, out] bfloat16 table (nested statistics expanded). This
+    undoes the code layout exactly and keeps the absmax values bitsandbytes now computes with."""
+    n, k = (int(d) for d in state.shape)
+    half = packed.view(torch.uint8).reshape(-1, 32)
+    codes = torch.cat([half & 15, half >> 4], dim=-1)  # 64 consecutive codes per group
+    codes = codes.reshape(n // 32, k // 2, 32, 2).transpose(1, 2).reshape(-1)  # row-major [n, k]
+    restored = ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)
+    absmax = state.absmax.T.reshape(-1).float().contiguous()
+    return restored, QuantState(absmax=absmax, shape=torch.Size((n, k)), code=state.code,
+                                dtype=getattr(state, "original_dtype", state.dtype), blocksize=state.blocksize,
+                                quant_type=state.quant_type)
 
 
 def _is_bnb_linear4bit(layer) -> bool:
