@@ -6,6 +6,10 @@ The work is done by libfp4 (a C library with CPU and CUDA kernels); this package
     fp4.FP4Linear        the 4-bit linear layer (alias TorchFP4Linear)
     fp4.quantize_        convert a whole model in place: fp4.quantize_(model, fp4.FP4Config("nf4"))
     fp4.QuantState       the quantization state, convertible to and from bitsandbytes' QuantState
+    fp4.save / fp4.load  safetensors checkpoints in bitsandbytes' keys (fp4.save_pretrained /
+                         fp4.from_pretrained for Hugging Face model folders)
+    fp4.library          torch.ops.fp4.* (torch.compile, CUDA graphs, autograd)
+    fp4.integrations.bitsandbytes.enable()   run bitsandbytes' own 4-bit ops on fp4's kernels
     fp4.cmake_dir()      where the CMake package lives, for C++ projects: find_package(fp4 CONFIG)
 
 Submodules that need torch are imported on first use, so `python -m fp4 info` works without it.
@@ -31,6 +35,14 @@ _LAZY = {
     "from_bnb": ("fp4.convert", "from_bnb"),
     "swap_linear_with_bnb_linear": ("fp4.convert", "swap_linear_with_bnb_linear"),
     "recursively_replace_with_fp4_linear": ("fp4.convert", "recursively_replace_with_fp4_linear"),
+    "library": ("fp4.library", None),
+    "integrations": ("fp4.integrations", None),
+    "save": ("fp4.serialization", "save"),
+    "load": ("fp4.serialization", "load"),
+    "load_state_dict": ("fp4.serialization", "load_state_dict"),
+    "save_pretrained": ("fp4.serialization", "save_pretrained"),
+    "from_pretrained": ("fp4.serialization", "from_pretrained"),
+    "CheckpointError": ("fp4.checkpoint_format", "CheckpointError"),
 }
 
 
