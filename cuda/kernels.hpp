@@ -2,6 +2,7 @@
 // Arguments are already validated by api.cpp; every launch goes on exec.stream.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "fp4/fp4.h"
@@ -35,6 +36,11 @@ int64_t gemv_max_batch();
 void linear_4bit(const fp4_exec& exec, fp4_quant_type type, const void* x, fp4_dtype dtype, int64_t m, int64_t k,
                  const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
                  void* y);
+
+size_t gemm_4bit_workspace_size(int64_t m, int64_t n);
+void gemm_4bit(const fp4_exec& exec, fp4_quant_type type, const void* x, fp4_dtype dtype, int64_t m, int64_t k,
+               const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
+               void* y, void* workspace);
 
 void compress_absmax(const fp4_exec& exec, const float* absmax, int64_t num_blocks, const float* code,
                      int64_t nested_blocksize, float* offset, bool offset_is_input, uint8_t* codes_out,

@@ -204,6 +204,46 @@ fp4_status fp4_linear_4bit(const fp4_exec* exec, fp4_quant_type quant_type, cons
   });
 }
 
+size_t fp4_gemm_4bit_workspace_size(int64_t m, int64_t n) {
+  if (m <= 0 || n <= 0) return 0;
+  return size_t(m) * size_t(n) * sizeof(float);
+}
+
+fp4_status fp4_gemm_4bit(const fp4_exec* exec, fp4_quant_type quant_type, const void* x, fp4_dtype dtype, int64_t m,
+                         int64_t k, const uint8_t* packed, const fp4_scales* scales, int64_t n, int64_t blocksize,
+                         const void* bias, void* y, void* workspace, size_t workspace_bytes) {
+  return guarded(__func__, [&] {
+    const fp4_exec& ex = check_exec(exec);
+    check_quant_type(quant_type);
+    check_dtype(dtype, "dtype");
+    check_count(m, "m");
+    check_count(k, "k");
+    check_count(n, "n");
+    check_blocksize(blocksize);
+    if (n > 0 && k > kMaxElements / n) invalid_argument("n, k: the weight has more than 2^60 elements");
+    if (ex.device != FP4_DEVICE_CUDA) fail(FP4_ERROR_NOT_SUPPORTED, "exec: fp4_gemm_4bit runs on CUDA only");
+    if (dtype == FP4_FLOAT32) fail(FP4_ERROR_NOT_SUPPORTED, "dtype: the tensor-core GEMM takes float16 or bfloat16");
+    if (k % 128 != 0) fail(FP4_ERROR_NOT_SUPPORTED, "k: the tensor-core GEMM needs in_features % 128 == 0, got ", k);
+    if (m == 0 || n == 0) return;
+    check_memory(ex, x, "x");
+    check_memory(ex, packed, "packed");
+    check_memory(ex, y, "y");
+    if (bias != nullptr) check_memory(ex, bias, "bias");
+    check_scales(ex, scales);
+    if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(packed) % 16 != 0)
+      fail(FP4_ERROR_NOT_SUPPORTED, "x, packed: the tensor-core GEMM needs x and packed 16-byte aligned");
+    const size_t needed = fp4_gemm_4bit_workspace_size(m, n);
+    if (workspace_bytes < needed)
+      invalid_argument("workspace_bytes: expected at least ", needed, " (fp4_gemm_4bit_workspace_size), got ",
+                       workspace_bytes);
+    check_memory(ex, workspace, "workspace");
+#ifdef FP4_WITH_CUDA
+    cuda::DeviceGuard guard(ex.device_index);
+    cuda::gemm_4bit(ex, quant_type, x, dtype, m, k, packed, *scales, n, blocksize, bias, y, workspace);
+#endif
+  });
+}
+
 fp4_status fp4_compress_absmax(const fp4_exec* exec, const float* absmax, int64_t num_blocks, const float* code,
                                int64_t nested_blocksize, float* offset, int offset_is_input, uint8_t* codes_out,
                                float* absmax2_out) {

@@ -13,9 +13,15 @@ QUANT_TYPES = ("fp4", "nf4")
 _threads_set = None
 
 
+# torch's own fast accessor (what its compiled code uses); the public one costs ~1.5 us per call.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def stream_of(tensor: torch.Tensor) -> int:
     """The raw cudaStream_t of the current stream on the tensor's device (0 on CPU)."""
     if tensor.device.type == "cuda":
+        if _raw_stream is not None:
+            return _raw_stream(tensor.device.index)
         return torch.cuda.current_stream(tensor.device).cuda_stream
     if tensor.device.type != "cpu":
         raise ValueError(f"expected a CPU or CUDA tensor, got device {tensor.device}")

@@ -11,14 +11,19 @@ from . import _C
 from ._torch import stream_of
 from .quant_state import QuantState
 
-# Batches up to this many rows take libfp4's fused GEMV on CUDA (it reads the 4-bit weight once);
-# larger batches dequantize into a temporary and use cuBLAS. Measured on the H100 (fp16, nf4,
-# `python -m fp4 bench`, CUDA graphs, weights beyond L2), (28672, 8192): GEMV 71 / 89 / 137 us at
-# batch 1 / 2 / 4, where dequantize + cuBLAS (bitsandbytes' own path) costs ~365 us at any batch
-# up to 16; (4096, 4096): GEMV 9 / 11 / 16 us against ~24-33 us. The GEMV's largest template is 8,
-# and it still wins there (see the closing note of issue 3). The fused tensor-core GEMM (issue 4)
-# is what will move this line further.
-CUDA_GEMV_MAX_BATCH = 8
+# Which CUDA kernel serves which batch (fp16/bf16 activations, in_features % 128 == 0 and aligned
+# buffers; otherwise the GEMV up to its largest batch, then dequantize + cuBLAS):
+#   m <= CUDA_GEMV_MAX_BATCH      the fused GEMV (warp per output feature)
+#   m <= CUDA_GEMM_MAX_BATCH      the fused tensor-core GEMM (reads the 4-bit weight once per 64 rows)
+#   larger                        dequantize into a temporary, then cuBLAS
+# Measured on the H100 (`python -m fp4 bench --kernels`, fp16 nf4, CUDA graphs, weights beyond L2),
+# us for GEMV / GEMM / dequantize+cuBLAS: (28672, 8192) batch 2: 89 / 90 / 409, batch 4: 137 / 92 / 409,
+# batch 64: - / 289 / 413, batch 128: - / 564 / 412; (4096, 14336) batch 2: 27 / 37 / 119, batch 4:
+# 46 / 38 / 119, batch 128: - / 152 / 125. docs/perf-log.md has the history.
+CUDA_GEMV_MAX_BATCH = 2
+CUDA_GEMM_MAX_BATCH = 64
+GEMV_KERNEL_MAX_BATCH = _C.gemv_max_batch()  # the largest batch the GEMV kernel takes
+KERNELS = ("gemv", "gemm", "dequantize_matmul")
 
 # The input gradient dequantizes the weight one slab of rows at a time, so training never holds a
 # dense copy of a whole weight: at most this many elements (64 MiB in fp16) exist at once.
@@ -34,7 +39,7 @@ class KernelArgs:
     `nested_offset` the mean that was subtracted.
     """
 
-    __slots__ = ("codes", "scales", "nested", "quant_type", "blocksize", "out_features", "in_features")
+    __slots__ = ("codes", "scales", "nested", "quant_type", "blocksize", "out_features", "in_features", "_prepared")
 
     def __init__(self, weight: torch.Tensor, absmax: torch.Tensor, quant_type: str, blocksize: int,
                  shape: Sequence[int], nested_absmax: Optional[torch.Tensor] = None,
@@ -51,6 +56,16 @@ class KernelArgs:
         self.quant_type = quant_type
         self.blocksize = int(blocksize)
         self.out_features, self.in_features = (int(d) for d in shape)
+        self._prepared = None
+
+    @property
+    def prepared(self):
+        """The weight as a _C.PreparedWeight: its arrays are converted and checked once, so a forward
+        call hands libfp4 only x, bias and y (each DLPack conversion costs microseconds of host time)."""
+        if self._prepared is None:
+            self._prepared = _C.prepare_weight(self.codes, self.scales, self.quant_type, self.blocksize,
+                                               self.out_features, self.in_features, **self.nested)
+        return self._prepared
 
     @classmethod
     def of_state(cls, packed: torch.Tensor, state: QuantState) -> "KernelArgs":
@@ -80,10 +95,28 @@ def linear_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: 
     return linear_4bit_prepared(x, KernelArgs.of_state(packed, state), bias)
 
 
+def choose_kernel(x: torch.Tensor, args: KernelArgs, m: int) -> str:
+    """The dispatch: which kernel computes a batch of m rows (see the table above)."""
+    if x.device.type != "cuda":
+        return "gemv"  # the CPU kernel serves every batch
+    if m <= CUDA_GEMV_MAX_BATCH:
+        return "gemv"
+    if gemm_supports(x, args):
+        return "gemm" if m <= CUDA_GEMM_MAX_BATCH else "dequantize_matmul"
+    # float32 activations or unaligned shapes: the GEMV still beats a dense copy up to its limit.
+    return "gemv" if m <= GEMV_KERNEL_MAX_BATCH else "dequantize_matmul"
+
+
+def gemm_supports(x: torch.Tensor, args: KernelArgs) -> bool:
+    return (x.dtype in (torch.float16, torch.bfloat16) and args.in_features % 128 == 0
+            and args.codes.data_ptr() % 16 == 0)
+
+
 def linear_4bit_prepared(x: torch.Tensor, args: KernelArgs, bias: Optional[torch.Tensor] = None,
-                         out: Optional[torch.Tensor] = None):
+                         out: Optional[torch.Tensor] = None, kernel: Optional[str] = None):
     """linear_4bit with the weight's arguments prepared by KernelArgs (what FP4Linear caches).
-    `out`, when given, is a contiguous tensor of the result's shape and dtype to write into."""
+    `out`, when given, is a contiguous tensor of the result's shape and dtype to write into.
+    `kernel` forces one of KERNELS (for benchmarks); by default choose_kernel decides."""
     out_features, in_features = args.out_features, args.in_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
@@ -93,17 +126,26 @@ def linear_4bit_prepared(x: torch.Tensor, args: KernelArgs, bias: Optional[torch
         return y
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if x.device.type == "cuda" and m > CUDA_GEMV_MAX_BATCH:
+    kernel = kernel or choose_kernel(x, args, m)
+    y2 = y.view(m, out_features)
+    if kernel == "dequantize_matmul":
         weight = torch.empty(out_features, in_features, dtype=x.dtype, device=x.device)
         _C.dequantize_4bit(args.codes, args.scales, weight.reshape(-1), args.quant_type, args.blocksize, stream_of(x),
                            **args.nested)
         if bias is None:
-            torch.mm(x2, weight.t(), out=y.view(m, out_features))
+            torch.mm(x2, weight.t(), out=y2)
         else:
-            torch.addmm(bias, x2, weight.t(), out=y.view(m, out_features))
+            torch.addmm(bias, x2, weight.t(), out=y2)
         return y
-    _C.linear_4bit(x2.contiguous(), args.codes, args.scales, None if bias is None else bias.contiguous(),
-                   y.view(m, out_features), args.quant_type, args.blocksize, stream_of(x), **args.nested)
+    x2 = x2.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if kernel == "gemm":
+        if x2.data_ptr() % 16:
+            x2 = x2.clone()
+        workspace = torch.empty(_C.gemm_4bit_workspace_size(m, out_features), dtype=torch.uint8, device=x.device)
+        _C.gemm_prepared(x2, args.prepared, bias, y2, workspace, stream_of(x))
+    else:
+        _C.linear_prepared(x2, args.prepared, bias, y2, stream_of(x))
     return y
 
 

@@ -216,41 +216,100 @@ void dequantize_4bit(const Array& packed, const Array& absmax, MutableArray out,
   raise_on_error(status);
 }
 
-void linear_4bit(const Array& x, const Array& packed, const Array& absmax, std::optional<Array> bias, MutableArray y,
-                 const std::string& quant_type, int64_t blocksize, uintptr_t stream, std::optional<Array> nested_codes,
-                 std::optional<Array> nested_code, std::optional<Array> nested_offset, int64_t nested_blocksize) {
+// A 4-bit weight whose arrays were checked once (what FP4Linear caches): each forward call then
+// converts and checks only x, bias, y (and the workspace).
+struct PreparedWeight {
+  Array packed, absmax;
+  std::optional<Array> nested_codes, nested_code, nested_offset;
+  fp4_quant_type type;
+  int64_t blocksize, n, k;
+  Scales scales;
+  int device_type, device_id;
+};
+
+PreparedWeight prepare_weight(const Array& packed, const Array& absmax, const std::string& quant_type, int64_t blocksize,
+                              int64_t n, int64_t k, std::optional<Array> nested_codes, std::optional<Array> nested_code,
+                              std::optional<Array> nested_offset, int64_t nested_blocksize) {
   const fp4_quant_type type = quant_type_of(quant_type);
   check_blocksize(blocksize);
+  if (n < 0 || k <= 0) throw nb::value_error("out_features, in_features: expected >= 0 and >= 1");
+  const Place place = place_of(packed, 0, "packed");
+  expect_dtype(packed, nb::dtype<uint8_t>(), "packed", "uint8");
+  expect_contiguous(packed, "packed");
+  expect_size(packed, fp4_packed_bytes(n * k), "packed", "out_features * in_features / 2");
+  const Scales scales = scales_of(place, absmax, fp4_num_blocks(n * k, blocksize), nested_codes, nested_code,
+                                  nested_offset, nested_blocksize);
+  return PreparedWeight{packed,    absmax,    nested_codes,          nested_code,      nested_offset, type,
+                        blocksize, n,         k,                     scales,           packed.device_type(),
+                        packed.device_id()};
+}
+
+enum class Kernel { linear, gemm };
+
+void run_linear(const Array& x, const PreparedWeight& w, std::optional<Array> bias, MutableArray y,
+                std::optional<MutableArray> workspace, uintptr_t stream, Kernel kernel) {
   const fp4_dtype dtype = float_dtype(x.dtype(), "x");
   expect_contiguous(x, "x");
   if (x.ndim() != 2) throw nb::value_error("x: expected a 2-D array [batch, in_features]");
   if (y.ndim() != 2) throw nb::value_error("y: expected a 2-D array [batch, out_features]");
   const Place place = place_of(x, stream, "x");
-  const int64_t m = int64_t(x.shape(0)), k = int64_t(x.shape(1)), n = int64_t(y.shape(1));
+  place.expect_same(w.packed, "packed");
+  const int64_t m = int64_t(x.shape(0));
+  if (int64_t(x.shape(1)) != w.k)
+    throw nb::value_error(("x: expected " + std::to_string(w.k) + " columns (in_features), got " +
+                           std::to_string(x.shape(1))).c_str());
   if (y.dtype() != x.dtype()) throw nb::type_error("y: expected the dtype of x");
   expect_contiguous(y, "y");
   place.expect_same(y, "y");
-  if (int64_t(y.shape(0)) != m) throw nb::value_error("y: expected as many rows as x");
-  expect_dtype(packed, nb::dtype<uint8_t>(), "packed", "uint8");
-  expect_contiguous(packed, "packed");
-  place.expect_same(packed, "packed");
-  expect_size(packed, fp4_packed_bytes(n * k), "packed", "out_features * in_features / 2");
-  const Scales scales = scales_of(place, absmax, fp4_num_blocks(n * k, blocksize), nested_codes, nested_code,
-                                  nested_offset, nested_blocksize);
+  if (int64_t(y.shape(0)) != m || int64_t(y.shape(1)) != w.n)
+    throw nb::value_error("y: expected shape [batch, out_features]");
   const void* bias_ptr = nullptr;
   if (bias) {
     if (bias->dtype() != x.dtype()) throw nb::type_error("bias: expected the dtype of x");
     place.expect_same(*bias, "bias");
-    expect_size(*bias, n, "bias", "one per output feature");
+    expect_size(*bias, w.n, "bias", "one per output feature");
     bias_ptr = bias->data();
   }
+  void* workspace_ptr = nullptr;
+  size_t workspace_bytes = 0;
+  if (workspace) {
+    expect_contiguous(*workspace, "workspace");
+    place.expect_same(*workspace, "workspace");
+    workspace_ptr = workspace->data();
+    workspace_bytes = workspace->size() * (workspace->dtype().bits / 8);
+  }
+  const auto* packed = static_cast<const uint8_t*>(w.packed.data());
   fp4_status status;
   {
     nb::gil_scoped_release release;
-    status = fp4_linear_4bit(&place.exec, type, x.data(), dtype, m, k, static_cast<const uint8_t*>(packed.data()),
-                             &scales.value, n, blocksize, bias_ptr, y.data());
+    status = kernel == Kernel::gemm
+                 ? fp4_gemm_4bit(&place.exec, w.type, x.data(), dtype, m, w.k, packed, &w.scales.value, w.n,
+                                 w.blocksize, bias_ptr, y.data(), workspace_ptr, workspace_bytes)
+                 : fp4_linear_4bit(&place.exec, w.type, x.data(), dtype, m, w.k, packed, &w.scales.value, w.n,
+                                   w.blocksize, bias_ptr, y.data());
   }
   raise_on_error(status);
+}
+
+void linear_4bit(const Array& x, const Array& packed, const Array& absmax, std::optional<Array> bias, MutableArray y,
+                 const std::string& quant_type, int64_t blocksize, uintptr_t stream, std::optional<Array> nested_codes,
+                 std::optional<Array> nested_code, std::optional<Array> nested_offset, int64_t nested_blocksize) {
+  if (x.ndim() != 2 || y.ndim() != 2) throw nb::value_error("x, y: expected 2-D arrays [batch, features]");
+  const PreparedWeight w = prepare_weight(packed, absmax, quant_type, blocksize, int64_t(y.shape(1)),
+                                          int64_t(x.shape(1)), nested_codes, nested_code, nested_offset,
+                                          nested_blocksize);
+  run_linear(x, w, bias, y, std::nullopt, stream, Kernel::linear);
+}
+
+void gemm_4bit(const Array& x, const Array& packed, const Array& absmax, std::optional<Array> bias, MutableArray y,
+               MutableArray workspace, const std::string& quant_type, int64_t blocksize, uintptr_t stream,
+               std::optional<Array> nested_codes, std::optional<Array> nested_code, std::optional<Array> nested_offset,
+               int64_t nested_blocksize) {
+  if (x.ndim() != 2 || y.ndim() != 2) throw nb::value_error("x, y: expected 2-D arrays [batch, features]");
+  const PreparedWeight w = prepare_weight(packed, absmax, quant_type, blocksize, int64_t(y.shape(1)),
+                                          int64_t(x.shape(1)), nested_codes, nested_code, nested_offset,
+                                          nested_blocksize);
+  run_linear(x, w, bias, y, workspace, stream, Kernel::gemm);
 }
 
 void compress_absmax(const Array& absmax, const Array& code, MutableArray offset, bool offset_is_input,
@@ -357,6 +416,34 @@ NB_MODULE(_C, m) {
         nb::arg("nested_codes") = nb::none(), nb::arg("nested_code") = nb::none(),
         nb::arg("nested_offset") = nb::none(), nb::arg("nested_blocksize") = 256,
         "y = x @ W.T + bias with W the 4-bit weight [out_features, in_features].");
+  nb::class_<PreparedWeight>(m, "PreparedWeight",
+                             "A 4-bit weight checked once; linear_prepared / gemm_prepared then check only x, bias, y.")
+      .def_ro("out_features", &PreparedWeight::n)
+      .def_ro("in_features", &PreparedWeight::k);
+  m.def("prepare_weight", &prepare_weight, nb::arg("packed"), nb::arg("absmax"), nb::arg("quant_type"),
+        nb::arg("blocksize"), nb::arg("out_features"), nb::arg("in_features"), nb::arg("nested_codes") = nb::none(),
+        nb::arg("nested_code") = nb::none(), nb::arg("nested_offset") = nb::none(),
+        nb::arg("nested_blocksize") = 256, "Check a 4-bit weight's arrays once; keeps references to them.");
+  m.def(
+      "linear_prepared",
+      [](const Array& x, const PreparedWeight& w, std::optional<Array> bias, MutableArray y, uintptr_t stream) {
+        run_linear(x, w, bias, y, std::nullopt, stream, Kernel::linear);
+      },
+      nb::arg("x"), nb::arg("weight"), nb::arg("bias").none(), nb::arg("y"), nb::arg("stream") = 0,
+      "linear_4bit with a PreparedWeight.");
+  m.def(
+      "gemm_prepared",
+      [](const Array& x, const PreparedWeight& w, std::optional<Array> bias, MutableArray y, MutableArray workspace,
+         uintptr_t stream) { run_linear(x, w, bias, y, workspace, stream, Kernel::gemm); },
+      nb::arg("x"), nb::arg("weight"), nb::arg("bias").none(), nb::arg("y"), nb::arg("workspace"),
+      nb::arg("stream") = 0, "gemm_4bit with a PreparedWeight.");
+  m.def("gemm_4bit_workspace_size", &fp4_gemm_4bit_workspace_size, nb::arg("m"), nb::arg("n"),
+        "Bytes of workspace gemm_4bit needs for a batch of m rows and n output features.");
+  m.def("gemm_4bit", &gemm_4bit, nb::arg("x"), nb::arg("packed"), nb::arg("absmax"), nb::arg("bias").none(),
+        nb::arg("y"), nb::arg("workspace"), nb::arg("quant_type"), nb::arg("blocksize"), nb::arg("stream") = 0,
+        nb::arg("nested_codes") = nb::none(), nb::arg("nested_code") = nb::none(),
+        nb::arg("nested_offset") = nb::none(), nb::arg("nested_blocksize") = 256,
+        "y = x @ W.T + bias on tensor cores (CUDA, float16/bfloat16, in_features % 128 == 0).");
   m.def("compress_absmax", &compress_absmax, nb::arg("absmax"), nb::arg("code"), nb::arg("offset"),
         nb::arg("offset_is_input"), nb::arg("codes_out"), nb::arg("absmax2_out"), nb::arg("nested_blocksize") = 256,
         nb::arg("stream") = 0, "Nested statistics: 8-bit codes of absmax - offset, blockwise.");

@@ -1,7 +1,9 @@
 """`python -m fp4 bench`: one linear layer, fp4 vs its peers, side by side in one run.
 
 Methods: torch dense linear (the weight in the activation dtype), bitsandbytes Linear4bit (same
-format), fp4 FP4Linear. GPU time per call is the median over repeats of a CUDA-graph replay that
+format), torchao int4 weight-only (group 64, when torchao is installed), fp4 FP4Linear; with
+--kernels also each fp4 CUDA kernel forced on its own. Eager time: wall time per call of 50
+back-to-back eager calls (host overhead shows where it exceeds the GPU time). GPU time per call is the median over repeats of a CUDA-graph replay that
 calls the layer once on each of enough weight copies to overflow the 50 MB L2 (so weights come from
 DRAM, as in a real model), divided by the number of calls; CPU time is the median wall time.
 'floor' is the 4-bit weight bytes over the measured copy bandwidth; '% floor' = floor / time.
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 import fp4
+from fp4 import ops
 
 L2_BYTES = 50 * 2**20
 PEAK_COPY_BW = 3.0e12  # bytes/s, measured device-to-device copy on the H100 (KERNELS.md)
@@ -35,6 +38,50 @@ def _bnb_layer(linear, dtype, quant_type, device):
     except Exception:
         return None
     return fp4.swap_linear_with_bnb_linear(linear, dtype=dtype, quant_type=quant_type).to(device)
+
+
+def _torchao_layer(linear, device):
+    """torchao's int4 weight-only layer (tinygemm, group 64), or None when torchao cannot build one."""
+    if device.type != "cuda" or linear.weight.dtype != torch.bfloat16:
+        return None  # its int4 kernel takes bf16 activations
+    try:
+        import copy
+
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+        model = nn.Sequential(copy.deepcopy(linear))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_(model, Int4WeightOnlyConfig(group_size=64))
+        return model
+    except Exception:
+        return None
+
+
+class _ForcedKernel(nn.Module):
+    """An FP4Linear whose forward always takes one named kernel (to time kernels side by side)."""
+
+    def __init__(self, layer, kernel):
+        super().__init__()
+        self.args, self.kernel = ops.KernelArgs.of_state(layer.weight, layer.quant_state), kernel
+
+    def forward(self, x):
+        return ops.linear_4bit_prepared(x, self.args, None, kernel=self.kernel)
+
+
+def _eager_time(layers, x, calls=50):
+    """Wall microseconds per call of back-to-back eager calls, synchronized at the end."""
+    layer = layers[0]
+    with torch.inference_mode():
+        for _ in range(5):
+            layer(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(calls):
+            layer(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    return (time.perf_counter() - t) * 1e6 / calls
 
 
 def _gpu_time(layers, x, repeats):
@@ -80,7 +127,7 @@ def _cpu_time(layers, x, repeats):
     return statistics.median(samples)
 
 
-def bench_one(out_f, in_f, batch, dtype, quant_type, device, repeats):
+def bench_one(out_f, in_f, batch, dtype, quant_type, device, repeats, kernels=False, peers=True):
     weight_bytes_4bit = out_f * in_f / 2 + out_f * in_f / 64 * 4
     copies = 1 if device.type == "cpu" else max(2, int(2 * L2_BYTES // weight_bytes_4bit) + 1)
     copies = min(copies, 64)
@@ -91,9 +138,28 @@ def bench_one(out_f, in_f, batch, dtype, quant_type, device, repeats):
     result = {"shape": [out_f, in_f], "batch": batch, "dtype": str(dtype).replace("torch.", ""),
               "format": quant_type, "device": str(device), "copies": copies}
     result["torch_us"] = timer(dense, x, repeats)
-    bnb = [_bnb_layer(d, dtype, quant_type, device) for d in dense]
-    result["bitsandbytes_us"] = timer(bnb, x, repeats) if bnb[0] is not None else None
     result["fp4_us"] = timer(ours, x, repeats)
+    result["fp4_kernel"] = ops.choose_kernel(x, ours[0]._kernel_args or ops.KernelArgs.of_state(
+        ours[0].weight, ours[0].quant_state), batch)
+    result["bitsandbytes_us"] = result["torchao_us"] = None
+    if peers:
+        bnb = [_bnb_layer(d, dtype, quant_type, device) for d in dense]
+        result["bitsandbytes_us"] = timer(bnb, x, repeats) if bnb[0] is not None else None
+        ao = [_torchao_layer(d, device) for d in dense]
+        result["torchao_us"] = timer(ao, x, repeats) if ao[0] is not None else None
+        if batch == 1:
+            result["eager_us"] = {"torch": _eager_time(dense, x), "fp4": _eager_time(ours, x)}
+            if bnb[0] is not None:
+                result["eager_us"]["bitsandbytes"] = _eager_time(bnb, x)
+        del bnb, ao
+    if kernels and device.type == "cuda":
+        for kernel in ops.KERNELS:
+            if kernel == "gemv" and batch > ops.GEMV_KERNEL_MAX_BATCH:
+                continue
+            if kernel == "gemm" and not ops.gemm_supports(x, ops.KernelArgs.of_state(ours[0].weight,
+                                                                                       ours[0].quant_state)):
+                continue
+            result[f"fp4_{kernel}_us"] = timer([_ForcedKernel(layer, kernel) for layer in ours], x, repeats)
     floor_us = weight_bytes_4bit / PEAK_COPY_BW * 1e6
     result["floor_us"] = floor_us
     result["fp4_pct_floor"] = 100 * floor_us / result["fp4_us"] if device.type == "cuda" else None
@@ -105,28 +171,49 @@ def bench_one(out_f, in_f, batch, dtype, quant_type, device, repeats):
 
 
 def run(args) -> int:
+    if args.plot_only:
+        from .plot import plot_file
+
+        plot_file(args.plot_only, args.png or args.plot_only.replace(".json", ".png"))
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     results = []
-    header = f"{'shape':>14} {'batch':>5} {'dtype':>8} {'fmt':>4} {'torch':>9} {'bnb':>9} {'fp4':>9} " \
-             f"{'vs torch':>8} {'vs bnb':>7} {'%floor':>7}"
-    print(f"device: {device}; times in microseconds per call\n{header}")
+    header = f"{'shape':>12} {'batch':>5} {'dtype':>8} {'fmt':>4} {'torch':>8} {'bnb':>8} {'torchao':>8} " \
+             f"{'fp4':>8} {'kernel':>8} {'vs torch':>8} {'vs bnb':>7} {'%floor':>6}"
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
+          f"GPU times in microseconds per call\n{header}")
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.1f}"
+
     for shape in parse_shapes(args.shapes):
         for batch in (int(b) for b in args.batches.split(",")):
             for dtype in dtypes:
                 for quant_type in args.formats.split(","):
-                    r = bench_one(*shape, batch, dtype, quant_type, device, args.repeats)
+                    r = bench_one(*shape, batch, dtype, quant_type, device, args.repeats, args.kernels,
+                                  not args.no_peers)
                     results.append(r)
                     bnb = r["bitsandbytes_us"]
-                    print(f"{'x'.join(map(str, shape)):>14} {batch:>5} {r['dtype']:>8} {quant_type:>4} "
-                          f"{r['torch_us']:>9.1f} {bnb if bnb is None else round(bnb, 1)!s:>9} {r['fp4_us']:>9.1f} "
-                          f"{r['torch_us'] / r['fp4_us']:>7.2f}x "
+                    print(f"{'x'.join(map(str, shape)):>12} {batch:>5} {r['dtype']:>8} {quant_type:>4} "
+                          f"{fmt(r['torch_us']):>8} {fmt(bnb):>8} {fmt(r['torchao_us']):>8} {fmt(r['fp4_us']):>8} "
+                          f"{r['fp4_kernel']:>8} {r['torch_us'] / r['fp4_us']:>7.2f}x "
                           f"{'-' if bnb is None else format(bnb / r['fp4_us'], '.2f') + 'x':>7} "
-                          f"{'-' if r['fp4_pct_floor'] is None else format(r['fp4_pct_floor'], '.0f'):>7}")
+                          f"{'-' if r['fp4_pct_floor'] is None else format(r['fp4_pct_floor'], '.0f'):>6}"
+                          + "".join(f" {k[4:-3]}={v:.1f}" for k, v in r.items()
+                                    if k.startswith("fp4_") and k.endswith("_us") and k != "fp4_us")
+                          + ("" if "eager_us" not in r else
+                             " eager " + " ".join(f"{k}={v:.1f}" for k, v in r["eager_us"].items())), flush=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
+    title = (f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}: 4-bit linear vs dense "
+             f"{args.dtypes} (GPU time, weights beyond L2)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"title": title, "results": results}, f, indent=1)
         print(f"wrote {args.json}")
+    if args.png:
+        from .plot import plot
+
+        plot(results, args.png, title)
     return 0

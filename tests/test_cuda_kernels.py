@@ -1,0 +1,92 @@
+"""Every CUDA kernel behind the 4-bit linear op, forced one at a time, against the
+dequantize-then-matmul reference: random shapes, batches, formats, nested statistics and dtypes."""
+
+import pytest
+import torch
+from torch import nn
+
+import fp4
+import fp4.ops as ops
+from fp4 import _C
+from conftest import HAS_CUDA
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]
+
+
+def _layer(out_features, in_features, dtype, quant_type="nf4", double_quant=False, blocksize=64):
+    linear = nn.Linear(in_features, out_features, device="cuda", dtype=dtype)
+    return fp4.FP4Linear.from_linear(linear, quant_type, blocksize, double_quant)
+
+
+def _check(layer, x, kernel):
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    y = torch.full((x.shape[0], layer.out_features), float("nan"), device="cuda", dtype=x.dtype)  # poisoned
+    ops.linear_4bit_prepared(x, args, layer.bias, out=y, kernel=kernel)
+    reference = x.float() @ layer.dequantize().to(x.dtype).float().t() + layer.bias.float()
+    # fp32 accumulation in a different order, one rounding of the result to the activation dtype
+    scale = reference.abs().max().item() + 1e-6
+    limit = (4e-3 if x.dtype == torch.float16 else 2e-2) * scale
+    assert torch.isfinite(y).all()
+    assert (y.float() - reference).abs().max().item() <= limit
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 3, 8, 9, 16, 17, 31, 64, 65, 130])
+@pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", False, 64), ("fp4", True, 64),
+                                                               ("nf4", True, 32), ("fp4", False, 256)])
+def test_tensor_core_gemm_matches_reference(dtype, batch, quant_type, double_quant, blocksize):
+    layer = _layer(400, 640, dtype, quant_type, double_quant, blocksize)  # 400: a partial 256-feature block
+    _check(layer, torch.randn(batch, 640, device="cuda", dtype=dtype), "gemm")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes_every_kernel(seed):
+    g = torch.Generator().manual_seed(seed)
+    out_features = int(torch.randint(1, 40, (1,), generator=g)) * 16
+    in_features = int(torch.randint(1, 40, (1,), generator=g)) * 128
+    batch = int(torch.randint(1, 100, (1,), generator=g))
+    dtype = (torch.float16, torch.bfloat16)[seed % 2]
+    layer = _layer(out_features, in_features, dtype, ("fp4", "nf4")[seed % 2], bool(seed % 3))
+    x = torch.randn(batch, in_features, device="cuda", dtype=dtype)
+    for kernel in ops.KERNELS:
+        if kernel == "gemv" and batch > ops.GEMV_KERNEL_MAX_BATCH:
+            continue
+        _check(layer, x, kernel)
+
+
+def test_gemm_large_k_and_split_k():
+    """Long rows (many k chunks split across blocks) and a batch spanning two 64-row tiles."""
+    layer = _layer(256, 8192, torch.float16)
+    for batch in (2, 96):
+        _check(layer, torch.randn(batch, 8192, device="cuda", dtype=torch.float16), "gemm")
+
+
+def test_gemm_rejects_what_it_cannot_serve():
+    layer = _layer(64, 192, torch.float16)  # in_features % 128 != 0
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    x = torch.randn(16, 192, device="cuda", dtype=torch.float16)
+    y = torch.empty(16, 64, device="cuda", dtype=torch.float16)
+    ws = torch.empty(_C.gemm_4bit_workspace_size(16, 64), dtype=torch.uint8, device="cuda")
+    with pytest.raises(Exception, match="in_features % 128"):
+        _C.gemm_4bit(x, args.codes, args.scales, None, y, ws, "nf4", 64, 0)
+    assert not ops.gemm_supports(x, args)
+    layer = _layer(64, 128, torch.float16)
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    x = torch.randn(16, 128, device="cuda", dtype=torch.float16)
+    with pytest.raises(Exception, match="workspace_bytes"):
+        _C.gemm_4bit(x, args.codes, args.scales, None, y, ws[:10], "nf4", 64, 0)
+    with pytest.raises(Exception, match="float16 or bfloat16"):
+        _C.gemm_4bit(x.float(), args.codes, args.scales, None, y.float(), ws, "nf4", 64, 0)
+    # The layer itself still serves these through the other kernels.
+    assert torch.isfinite(layer(x.float())).all()
+
+
+def test_dispatch_thresholds():
+    layer = _layer(128, 256, torch.float16)
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
+    assert ops.choose_kernel(x, args, 1) == "gemv"
+    assert ops.choose_kernel(x, args, ops.CUDA_GEMV_MAX_BATCH + 1) == "gemm"
+    assert ops.choose_kernel(x, args, ops.CUDA_GEMM_MAX_BATCH + 1) == "dequantize_matmul"
+    assert ops.choose_kernel(x.float(), args, 5) == "gemv"  # float32: no tensor-core path
+    assert ops.choose_kernel(x.float(), args, 16) == "dequantize_matmul"
