@@ -92,7 +92,7 @@ def test_lora_adapter_on_fp4_layers_trains(device):
     teacher = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 16)).to(device)
     student = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 16)).to(device)
     fp4.quantize_(student, fp4.FP4Config("nf4"), progress=False)
-    student[0], student[2] = LoRA(student[0]), LoRA(student[2])
+    student[0], student[2] = LoRA(student[0]).to(device), LoRA(student[2]).to(device)
     trainable = [p for p in student.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
     optimizer = torch.optim.Adam(trainable, lr=1e-2)

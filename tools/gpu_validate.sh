@@ -6,7 +6,7 @@ set -o pipefail
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 case "${1:-tests}" in
 tests)
-  python -m pytest -q tests -p no:logging -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | grep -v "^  File" | tail -8
+  python -m pytest -q -rs tests -p no:logging -p no:cacheprovider 2>&1 | tee "$OUT/pytest.log" | grep -v "^  File" | tail -25
   for tool in memcheck racecheck; do
     echo "== compute-sanitizer $tool"
     timeout 200 compute-sanitizer --tool $tool --print-limit 5 python -m pytest -q -x -p no:cacheprovider \

@@ -96,7 +96,11 @@ def load_state_dict(model: nn.Module, entries: Dict[str, torch.Tensor],
                           bias=None if bias is None else bias.to(device))
         _set_submodule(model, name, layer)
     if rest:
-        model.load_state_dict({k: v.to(device) for k, v in rest.items()}, strict=False, assign=True)
+        moved = {}  # by identity, so a tensor stored once for several keys (tied weights) stays one tensor
+        for value in rest.values():
+            if id(value) not in moved:
+                moved[id(value)] = value.to(device)
+        model.load_state_dict({k: moved[id(v)] for k, v in rest.items()}, strict=False, assign=True)
     return model
 
 

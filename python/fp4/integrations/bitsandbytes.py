@@ -43,7 +43,7 @@ def enable() -> None:
         warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
         for name, kernel in _KERNELS.items():
             for key in ("CPU", "CUDA"):
-                library.impl(name, kernel, key)
+                _override(library, name, kernel, key)
     _library = library
 
 
@@ -53,6 +53,30 @@ def disable() -> None:
     if _library is not None:
         _library._destroy()
         _library = None
+        # Our Library's destruction forgot bitsandbytes' own registrations of the same keys (see
+        # _override); record them again so torch keeps guarding them.
+        torch.library._impls.update(_displaced)
+        _displaced.clear()
+
+
+_displaced: set = set()
+
+
+def _override(library, name: str, kernel, key: str) -> None:
+    """library.impl on a key that bitsandbytes already registered from Python. torch >= 2.12 allows
+    it (allow_override); older torch refuses any second Python registration, so the key is
+    unrecorded for the moment of ours (the dispatcher itself stacks kernels and restores theirs when
+    our Library is destroyed)."""
+    try:
+        library.impl(name, kernel, key, allow_override=True)
+        return
+    except TypeError:  # no allow_override parameter in this torch
+        pass
+    record = f"bitsandbytes/{name}/{key}"
+    if record in torch.library._impls:
+        torch.library._impls.discard(record)
+        _displaced.add(record)
+    library.impl(name, kernel, key)
 
 
 def is_enabled() -> bool:
