@@ -45,10 +45,13 @@ def test_quantize_and_dequantize_equal_bitsandbytes(device, spy, dtype, quant_ty
     fp4_bnb.enable()
     ours_packed, ours_state = B.quantize_4bit(A, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
     assert torch.equal(ours_packed, packed) and torch.equal(ours_state.absmax, state.absmax)
-    torch.testing.assert_close(B.dequantize_4bit(ours_packed, ours_state), values, rtol=0, atol=0)
+    # bitsandbytes' native CPU float16 dequantize can round one fp16 step off its own formula on
+    # some AVX-512 CPUs (see test_bnb_exact); fp4 keeps the formula. Everywhere else: identical.
+    rtol = 2**-10 if device.type == "cpu" and dtype == torch.float16 else 0
+    torch.testing.assert_close(B.dequantize_4bit(ours_packed, ours_state), values, rtol=rtol, atol=0)
     out = torch.empty_like(values)
     B.dequantize_4bit(ours_packed, ours_state, out=out)  # the .out form
-    torch.testing.assert_close(out, values, rtol=0, atol=0)
+    torch.testing.assert_close(out, values, rtol=rtol, atol=0)
     assert spy.count("quantize_4bit") == 1 and spy.count("dequantize_4bit") == 2
 
 
