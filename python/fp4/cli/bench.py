@@ -51,7 +51,11 @@ def _torchao_layer(linear, device):
         model = nn.Sequential(copy.deepcopy(linear))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_(model, Int4WeightOnlyConfig(group_size=64))
+            try:  # tinygemm (torch's _weight_int4pack_mm), the int4 kernel torchao ships without extras
+                config = Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d")
+            except TypeError:
+                config = Int4WeightOnlyConfig(group_size=64)
+            quantize_(model, config)
         return model
     except Exception:
         return None
