@@ -210,8 +210,8 @@ def run(args) -> int:
                              " eager " + " ".join(f"{k}={v:.1f}" for k, v in r["eager_us"].items())), flush=True)
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-    title = (f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}: 4-bit linear vs dense "
-             f"{args.dtypes} (GPU time, weights beyond L2)")
+    title = (f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}: 4-bit linear vs dense, "
+             f"GPU time, weights beyond L2")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"title": title, "results": results}, f, indent=1)

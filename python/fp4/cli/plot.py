@@ -7,7 +7,9 @@ import json
 METHODS = (("fp4_us", "fp4", "-"), ("bitsandbytes_us", "bitsandbytes", "--"), ("torchao_us", "torchao int4", ":"))
 
 
-def plot(results, path: str, title: str = "") -> None:
+def plot(results, path: str, title: str = "", dtype: str = "") -> None:
+    """One line per (method, shape) for one activation dtype (default: bfloat16 when measured, the
+    dtype every peer runs, else the first one)."""
     try:
         import matplotlib
 
@@ -15,6 +17,9 @@ def plot(results, path: str, title: str = "") -> None:
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise SystemExit("--png needs matplotlib: pip install matplotlib") from e
+    dtypes = [r["dtype"] for r in results]
+    dtype = dtype or ("bfloat16" if "bfloat16" in dtypes else dtypes[0])
+    results = [r for r in results if r["dtype"] == dtype]
     shapes = sorted({tuple(r["shape"]) for r in results})
     fig, ax = plt.subplots(figsize=(9, 5.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -29,7 +34,7 @@ def plot(results, path: str, title: str = "") -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch (rows of x)")
     ax.set_ylabel("speedup over torch dense linear (higher is better)")
-    ax.set_title(title or "4-bit linear layer vs dense fp16 (GPU time, weights beyond L2)")
+    ax.set_title(f"{title or '4-bit linear layer vs dense'} [{dtype}]", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
