@@ -73,6 +73,19 @@ def test_no_grad_and_grad_paths_agree(device):
     torch.testing.assert_close(traced.detach(), fast, rtol=0, atol=0)
 
 
+def _train(model, parameters, x, target, steps=30):
+    """Adam on an MSE loss; returns the loss of every step."""
+    optimizer = torch.optim.Adam(parameters, lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 class LoRA(nn.Module):
     """A minimal low-rank adapter: base(x) + scale * B(A(x)), only A and B trainable."""
 
@@ -95,16 +108,8 @@ def test_lora_adapter_on_fp4_layers_trains(device):
     student[0], student[2] = LoRA(student[0]).to(device), LoRA(student[2]).to(device)
     trainable = [p for p in student.parameters() if p.requires_grad]
     assert trainable and all(p.dtype == torch.float32 for p in trainable)
-    optimizer = torch.optim.Adam(trainable, lr=1e-2)
     x = torch.randn(256, 64, device=device)
-    target = teacher(x).detach()
-    losses = []
-    for _ in range(30):
-        optimizer.zero_grad()
-        loss = nn.functional.mse_loss(student(x), target)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = _train(student, trainable, x, teacher(x).detach())
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -129,13 +134,5 @@ def test_peft_lora_trains_on_a_model_converted_from_bitsandbytes_layout(device):
             module.base_layer = fp4.FP4Linear.from_linear(module.base_layer, "nf4")
     assert sum(isinstance(m, fp4.FP4Linear) for m in model.modules()) == 2
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=1e-2)
-    x, target = torch.randn(128, 64, device=device), torch.randn(128, 16, device=device)
-    losses = []
-    for _ in range(30):
-        optimizer.zero_grad()
-        loss = nn.functional.mse_loss(model(x), target)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = _train(model, trainable, torch.randn(128, 64, device=device), torch.randn(128, 16, device=device))
     assert losses[-1] < losses[0]

@@ -30,12 +30,16 @@ def _load_bnb(folder, device, quant_type, double_quant, dtype):
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config,
                                                                   device_map=str(device), dtype=dtype)
+    return _keep_bnb_cpu_in_fp32(model).eval()
+
+
+def _keep_bnb_cpu_in_fp32(model):
+    """bitsandbytes 0.50 would switch CPU layers to a bfloat16 kernel on the first forward; its fp32
+    path is the reference fp4 is compared with."""
     for module in model.modules():
-        # bitsandbytes 0.50 would otherwise switch CPU layers to a bfloat16 kernel on the first
-        # forward; the fp32 path is the reference fp4 is compared with.
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
-    return model.eval()
+    return model
 
 
 def _generate(model, ids):
@@ -87,10 +91,7 @@ def test_fp4_folder_loads_back_into_huggingface_bitsandbytes(llama_folder, tmp_p
         warnings.simplefilter("ignore")
         back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp4-model", device_map="cpu")
     assert type(back.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
-    for module in back.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    assert torch.equal(_generate(back, ids), expected)
+    assert torch.equal(_generate(_keep_bnb_cpu_in_fp32(back), ids), expected)
 
 
 def test_quantize_with_integration_enabled_runs_bnb_model_on_fp4(llama_folder, device, monkeypatch):

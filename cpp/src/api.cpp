@@ -173,18 +173,24 @@ int64_t fp4_gemv_max_batch(void) {
 #endif
 }
 
+// The arguments fp4_linear_4bit and fp4_gemm_4bit share: format, dtype and the shape [m, k] x [n, k].
+static void check_linear_shape(fp4_quant_type quant_type, fp4_dtype dtype, int64_t m, int64_t k, int64_t n,
+                               int64_t blocksize) {
+  check_quant_type(quant_type);
+  check_dtype(dtype, "dtype");
+  check_count(m, "m");
+  check_count(k, "k");
+  check_count(n, "n");
+  check_blocksize(blocksize);
+  if (n > 0 && k > kMaxElements / n) invalid_argument("n, k: the weight has more than 2^60 elements");
+}
+
 fp4_status fp4_linear_4bit(const fp4_exec* exec, fp4_quant_type quant_type, const void* x, fp4_dtype dtype, int64_t m,
                            int64_t k, const uint8_t* packed, const fp4_scales* scales, int64_t n, int64_t blocksize,
                            const void* bias, void* y) {
   return guarded(__func__, [&] {
     const fp4_exec& ex = check_exec(exec);
-    check_quant_type(quant_type);
-    check_dtype(dtype, "dtype");
-    check_count(m, "m");
-    check_count(k, "k");
-    check_count(n, "n");
-    check_blocksize(blocksize);
-    if (n > 0 && k > kMaxElements / n) invalid_argument("n, k: the weight has more than 2^60 elements");
+    check_linear_shape(quant_type, dtype, m, k, n, blocksize);
     if (m == 0 || n == 0) return;
     check_memory(ex, y, "y");
     if (bias != nullptr) check_memory(ex, bias, "bias");
@@ -214,13 +220,7 @@ fp4_status fp4_gemm_4bit(const fp4_exec* exec, fp4_quant_type quant_type, const 
                          const void* bias, void* y, void* workspace, size_t workspace_bytes) {
   return guarded(__func__, [&] {
     const fp4_exec& ex = check_exec(exec);
-    check_quant_type(quant_type);
-    check_dtype(dtype, "dtype");
-    check_count(m, "m");
-    check_count(k, "k");
-    check_count(n, "n");
-    check_blocksize(blocksize);
-    if (n > 0 && k > kMaxElements / n) invalid_argument("n, k: the weight has more than 2^60 elements");
+    check_linear_shape(quant_type, dtype, m, k, n, blocksize);
     if (ex.device != FP4_DEVICE_CUDA) fail(FP4_ERROR_NOT_SUPPORTED, "exec: fp4_gemm_4bit runs on CUDA only");
     if (dtype == FP4_FLOAT32) fail(FP4_ERROR_NOT_SUPPORTED, "dtype: the tensor-core GEMM takes float16 or bfloat16");
     if (k % 128 != 0) fail(FP4_ERROR_NOT_SUPPORTED, "k: the tensor-core GEMM needs in_features % 128 == 0, got ", k);
