@@ -30,6 +30,8 @@
 #include "common.cuh"
 #include "kernels.hpp"
 
+#include <atomic>
+
 namespace fp4::cuda {
 namespace {
 
@@ -299,14 +301,31 @@ __global__ void finish_kernel(const float* __restrict__ partial, int64_t m, int6
 }
 
 int sm_count(int device) {
-  static int cached[64] = {};
+  static std::atomic<int> cached[64];  // (threads may race to fill it: they store the same value)
   if (device < 0 || device >= 64) return 132;
-  if (cached[device] == 0) {
+  if (cached[device].load() == 0) {
     int count = 0;
     check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-    cached[device] = count;
+    cached[device].store(count);
   }
-  return cached[device];
+  return cached[device].load();
+}
+
+// Blocks of this kernel resident per SM on `device`; the first call per device also raises the
+// kernel's dynamic shared-memory limit there. Cached: the queries cost microseconds per launch.
+template <typename T, int MT, int NT>
+int resident_blocks(int device) {
+  static std::atomic<int> cached[64];  // (threads may race to fill it: they store the same value)
+  if (device >= 0 && device < 64 && cached[device].load() > 0) return cached[device].load();
+  constexpr size_t smem = smem_bytes<T, NT>();
+  check(cudaFuncSetAttribute(gemm_mma_kernel<T, MT, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+        "cudaFuncSetAttribute");
+  int resident = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, gemm_mma_kernel<T, MT, NT>, kWarps * 32, smem),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+  resident = std::max(resident, 1);
+  if (device >= 0 && device < 64) cached[device].store(resident);
+  return resident;
 }
 
 template <typename T, int MT, int NT>
@@ -319,12 +338,7 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
   // wave is >= 90% full (measured: a 1.7-wave grid cost 30% at batch 16), each split keeping >= 4
   // chunks (512 columns) of work.
   constexpr size_t smem = smem_bytes<T, NT>();
-  check(cudaFuncSetAttribute(gemm_mma_kernel<T, MT, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-        "cudaFuncSetAttribute");
-  int resident = 0;
-  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, gemm_mma_kernel<T, MT, NT>, kWarps * 32, smem),
-        "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  const int64_t capacity = int64_t(std::max(resident, 1)) * sm_count(exec.device_index);
+  const int64_t capacity = int64_t(resident_blocks<T, MT, NT>(exec.device_index)) * sm_count(exec.device_index);
   int64_t splits = 1;
   double best = 0.0;
   for (int64_t s = 1; s <= std::max<int64_t>(1, std::min<int64_t>(16, chunks / 4)); ++s) {
