@@ -42,6 +42,14 @@ def quantized_prefixes(keys) -> list:
     return found
 
 
+def entry_names(quant_type: str, nested: bool) -> Tuple[str, ...]:
+    """The `weight*` keys one layer stores (relative to the layer's prefix)."""
+    names = ("weight", "weight.absmax", "weight.quant_map")
+    if nested:
+        names += ("weight.nested_absmax", "weight.nested_quant_map")
+    return names + (STATE_KEY_PREFIX + quant_type,)
+
+
 def to_state_dict(packed: torch.Tensor, state: QuantState) -> Dict[str, torch.Tensor]:
     """The `weight*` entries of one layer (keys relative to the layer's prefix)."""
     out = {"weight": packed, "weight.absmax": state.absmax, "weight.quant_map": state.code}

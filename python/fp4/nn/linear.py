@@ -169,7 +169,7 @@ class FP4Linear(nn.Module):
             return
         # Everything checked: only now does the layer change.
         if strict:
-            known = set(checkpoint_format.to_state_dict(packed, state)) | {"bias"}
+            known = set(checkpoint_format.entry_names(state.quant_type, state.nested)) | {"bias"}
             unexpected_keys.extend(k for k in ours if k[len(prefix):] not in known)
         assign = local_metadata.get("assign_to_params_buffers", False)
         self._set_quantized(packed if assign else packed.clone(), state if assign else state.clone())
