@@ -201,3 +201,12 @@ def test_fp4_state_dict_loads_into_bitsandbytes():
     x = torch.randn(2, 128)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), source(x), rtol=1e-5, atol=1e-5)
+
+
+def test_save_and_load_check_their_arguments(tmp_path):
+    with pytest.raises(TypeError, match="model"):
+        fp4.save({"a": torch.zeros(1)}, tmp_path / "x.safetensors")
+    with pytest.raises(TypeError, match="model"):
+        fp4.load("not a model", tmp_path / "x.safetensors")
+    with pytest.raises(TypeError, match="entries"):
+        fp4.load_state_dict(_model(), [torch.zeros(1)])

@@ -30,6 +30,7 @@ def save(model: nn.Module, path: PathLike, metadata: Optional[Dict[str, str]] = 
     weights) are written once; `load` restores the sharing. `metadata`: extra strings to store."""
     from safetensors.torch import save_file
 
+    _check_model(model)
     tensors, aliases = _unique_tensors(model.state_dict())
     header = {"format": "pt", "fp4.aliases": json.dumps(aliases)}
     header.update(metadata or {})
@@ -48,6 +49,7 @@ def load(model: nn.Module, path: PathLike, device: Optional[Union[str, torch.dev
     is checked before the model changes: a bad file raises CheckpointError naming the key and
     leaves the model as it was.
     """
+    _check_model(model)
     entries = _read(path)
     return load_state_dict(model, entries, device=device, strict=strict)
 
@@ -55,6 +57,9 @@ def load(model: nn.Module, path: PathLike, device: Optional[Union[str, torch.dev
 def load_state_dict(model: nn.Module, entries: Dict[str, torch.Tensor],
                     device: Optional[Union[str, torch.device]] = None, strict: bool = True) -> nn.Module:
     """`load` for a state dict already in memory (e.g. a bitsandbytes model's `state_dict()`)."""
+    _check_model(model)
+    if not isinstance(entries, dict):
+        raise TypeError(f"entries: expected a dict of tensors (a state dict), got {type(entries).__name__}")
     device = torch.device(device) if device is not None else _model_device(model)
     # 1. Check everything, changing nothing.
     replacements = {}
@@ -222,6 +227,11 @@ def _unique_tensors(state: Dict[str, torch.Tensor]):
             storages.add(value.untyped_storage().data_ptr())
         tensors[key] = value
     return tensors, aliases
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
 
 
 def _model_device(model: nn.Module) -> torch.device:
