@@ -61,6 +61,31 @@ def test_gemm_large_k_and_split_k():
         _check(layer, torch.randn(batch, 8192, device="cuda", dtype=torch.float16), "gemm")
 
 
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("batch", [3, 12])
+def test_gemm_stream_ranges_cross_tiles(batch, double_quant):
+    """Batch <= 16 walks (feature tile, k) ranges per block: 33 tiles x 5 stages (the last holding
+    one chunk) over fewer blocks, so ranges start and end inside tiles and flush partial sums."""
+    layer = _layer(8208, 1152, torch.float16, "nf4", double_quant)  # 8208 = 32 tiles + 16 rows
+    _check(layer, torch.randn(batch, 1152, device="cuda", dtype=torch.float16), "gemm")
+
+
+def test_gemm_unaligned_absmax_takes_the_unpaired_path():
+    """Blocksize 64 loads a row's two scales as one 8-byte pair; an absmax view off that alignment
+    must still give the right answer."""
+    layer = _layer(384, 512, torch.bfloat16)
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    storage = torch.empty(args.scales.numel() + 1, device="cuda", dtype=torch.float32)
+    storage[1:] = args.scales
+    shifted = ops.KernelArgs(args.codes, storage[1:], "nf4", 64, (384, 512))
+    assert shifted.scales.data_ptr() % 8 == 4
+    for batch in (2, 40):
+        x = torch.randn(batch, 512, device="cuda", dtype=torch.bfloat16)
+        y = ops.linear_4bit_prepared(x, shifted, kernel="gemm")
+        reference = x.float() @ layer.dequantize().float().t()
+        assert (y.float() - reference).abs().max().item() <= 2e-2 * reference.abs().max().item()
+
+
 def test_gemm_rejects_what_it_cannot_serve():
     layer = _layer(64, 192, torch.float16)  # in_features % 128 != 0
     args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
@@ -90,3 +115,6 @@ def test_dispatch_thresholds():
     assert ops.choose_kernel(x, args, ops.CUDA_GEMM_MAX_BATCH + 1) == "dequantize_matmul"
     assert ops.choose_kernel(x.float(), args, 5) == "gemv"  # float32: no tensor-core path
     assert ops.choose_kernel(x.float(), args, 16) == "dequantize_matmul"
+    # Large weights take the GEMM from batch 1 (its fixed cost is small next to the weight read).
+    big = ops.KernelArgs(args.codes, args.scales, "nf4", 64, (ops.CUDA_GEMV_MAX_WEIGHTS // 256, 256))
+    assert ops.choose_kernel(x, big, 1) == "gemm"

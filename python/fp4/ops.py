@@ -13,14 +13,16 @@ from .quant_state import QuantState
 
 # Which CUDA kernel serves which batch (fp16/bf16 activations, in_features % 128 == 0 and aligned
 # buffers; otherwise the GEMV up to its largest batch, then dequantize + cuBLAS):
-#   m <= CUDA_GEMV_MAX_BATCH      the fused GEMV (warp per output feature)
-#   m <= CUDA_GEMM_MAX_BATCH      the fused tensor-core GEMM (reads the 4-bit weight once per 64 rows)
+#   m == 1 and fewer than CUDA_GEMV_MAX_WEIGHTS weights   the fused GEMV (warp per output feature)
+#   m <= CUDA_GEMM_MAX_BATCH      the fused tensor-core GEMM (stream-K kernel to 16, tiled to 64)
 #   larger                        dequantize into a temporary, then cuBLAS
-# Measured on the H100 (`python -m fp4 bench --kernels`, fp16 nf4, CUDA graphs, weights beyond L2),
-# us for GEMV / GEMM / dequantize+cuBLAS: (28672, 8192) batch 2: 89 / 90 / 409, batch 4: 137 / 92 / 409,
-# batch 64: - / 289 / 413, batch 128: - / 564 / 412; (4096, 14336) batch 2: 27 / 37 / 119, batch 4:
-# 46 / 38 / 119, batch 128: - / 152 / 125. docs/perf-log.md has the history.
-CUDA_GEMV_MAX_BATCH = 2
+# Measured on the H100 (`python -m fp4 bench --kernels`, bf16 nf4, CUDA graphs, weights beyond L2),
+# us for GEMV / GEMM / dequantize+cuBLAS: (28672, 8192) batch 1: 73.0 / 64.8 / 409, batch 4:
+# 150 / 66.4 / 410, batch 64: - / 172 / 412; (4096, 14336) batch 1: 22.2 / 23.8 / 118, batch 4:
+# 42.0 / 24.3 / 119 (the GEMM's fixed cost, ~3 us of workspace clear and finish, decides batch 1).
+# docs/perf-log.md has the history.
+CUDA_GEMV_MAX_BATCH = 1
+CUDA_GEMV_MAX_WEIGHTS = 1 << 27
 CUDA_GEMM_MAX_BATCH = 64
 GEMV_KERNEL_MAX_BATCH = _C.gemv_max_batch()  # the largest batch the GEMV kernel takes
 KERNELS = ("gemv", "gemm", "dequantize_matmul")
@@ -99,9 +101,10 @@ def choose_kernel(x: torch.Tensor, args: KernelArgs, m: int) -> str:
     """The dispatch: which kernel computes a batch of m rows (see the table above)."""
     if x.device.type != "cuda":
         return "gemv"  # the CPU kernel serves every batch
-    if m <= CUDA_GEMV_MAX_BATCH:
+    gemm = gemm_supports(x, args)
+    if m <= CUDA_GEMV_MAX_BATCH and (not gemm or args.out_features * args.in_features < CUDA_GEMV_MAX_WEIGHTS):
         return "gemv"
-    if gemm_supports(x, args):
+    if gemm:
         return "gemm" if m <= CUDA_GEMM_MAX_BATCH else "dequantize_matmul"
     # float32 activations or unaligned shapes: the GEMV still beats a dense copy up to its limit.
     return "gemv" if m <= GEMV_KERNEL_MAX_BATCH else "dequantize_matmul"

@@ -1,0 +1,310 @@
+#include "mma_4bit.cuh"
+
+#include <type_traits>
+
+namespace fp4::cuda {
+namespace {
+
+// The 4-bit linear layer on tensor cores for batch <= 16 (fp16/bf16 activations), read straight
+// from the bitsandbytes layout. Fragment mapping and decode: mma_4bit.cuh.
+//
+// Memory-bound by design, so the structure serves DRAM. Reading 4 KB weight rows in 64-byte pieces
+// per row and step peaks at 1.6-2.2 TB/s on the H100, 128-byte pieces at 2.2-2.7 (a sequential read:
+// 2.7; docs/perf-log.md), so each warp owns 16 rows and streams 128 bytes of each per stage. DRAM
+// needs ~100+ KB in flight per SM to pass 2.5 TB/s with this access pattern (measured), and
+// short-lived blocks pay a pipeline fill, a drain and a pair-table build each. So batch <= 16 runs
+// one block of 16 warps per SM (one 32 KB table) with a 5-stage ring (4 in flight: 128 KB per SM),
+// and each block walks a contiguous range of the flattened (feature tile, stage) space, flushing
+// its sums to the fp32 workspace whenever the tile changes. Activations are read through L1 (every
+// warp of the block reads the same ones).
+struct StreamConfig {
+  static constexpr int kWarps = 16, kThreads = kWarps * 32;
+  static constexpr int kRows = 16;                      // weight rows per warp (one m16 tile)
+  static constexpr int kSpan = 2;                       // chunks per stage: 128 bytes per row
+  static constexpr int kRowBytes = kSpan * kChunk / 2;
+  static constexpr int kStages = 4;
+  static constexpr int kTileRows = kWarps * kRows;      // 256 features per tile
+  static constexpr size_t kRingBytes = size_t(kStages) * kWarps * kWarpStageBytes;
+  // Pair table rows of 256 bytes (lanes use the first 128): a byte's offset is one permute.
+  static constexpr size_t kTableBytes = 256 * 256;
+  static constexpr size_t kSmemBytes = kTableBytes + kCodeBytes + kRingBytes;
+  static_assert(kWarpStageBytes == kRows * kRowBytes, "a warp stage is its rows x bytes per row");
+};
+
+template <typename T, int NT, bool kBlock64, bool kNested>
+__global__ void __launch_bounds__(StreamConfig::kThreads, 1)
+    gemm_stream_kernel(const T* __restrict__ x, int64_t m, int64_t k, const uint8_t* __restrict__ packed,
+                       fp4_scales scales, int nested_log2, int64_t n, int blocksize_log2, Code16 code,
+                       int64_t stages_per_tile, int64_t total_stages, float* __restrict__ partial) {
+  using C = StreamConfig;
+  constexpr int kSpan = C::kSpan, kRowBytes = C::kRowBytes, kStages = C::kStages;
+  constexpr bool kPostScale = kBlock64;
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* const table = smem;
+  float* const codes = reinterpret_cast<float*>(smem + C::kTableBytes);
+  float* const nested_code = codes + 16;
+  uint8_t* const ring = smem + C::kTableBytes + kCodeBytes;
+  build_pair_table<T, 256, kNested>(table, codes, code, scales);
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  const uint32_t lane_bytes = uint32_t(lane) * 4;
+  const int64_t chunks = k / kChunk;
+  const int64_t begin = total_stages * blockIdx.x / gridDim.x, end = total_stages * (blockIdx.x + 1) / gridDim.x;
+  const float nested_offset = kNested ? *scales.nested_offset : 0.0f;
+  constexpr int kPiecesPerRow = kRowBytes / 16;
+  uint8_t* const warp_ring = ring + warp * kWarpStageBytes;
+  constexpr int kStageStride = C::kWarps * int(kWarpStageBytes);
+
+  float sbuf[kStages][2][kSpan][2];  // [stage][row g / g + 8][chunk][h]
+  float gbuf[kStages][2][kSpan];     // nested: the group absmax (one per block pair)
+  // Two cursors walk the range (no 64-bit division per stage): the copies run kStages - 1 stages
+  // ahead of the multiplies. Entering a tile recomputes the copy cursor's row pointers.
+  int64_t issue_tile = begin / stages_per_tile, issue_c0 = (begin % stages_per_tile) * kSpan;
+  const uint8_t* copy_src[4];  // this lane's 4 pieces, chunk 0
+  int copy_dst[4];
+  const uint8_t* scale_row[2];  // rows g, g + 8: the row's first element
+  int64_t scale_elem[2];
+  auto enter_issue_tile = [&]() {
+    const int64_t row0 = issue_tile * C::kTileRows + warp * C::kRows;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int p = i * 32 + lane, row = p / kPiecesPerRow, piece = p % kPiecesPerRow;
+      copy_src[i] = packed + min(row0 + row, n - 1) * (k / 2) + piece * 16;
+      copy_dst[i] = ring_piece_offset<kRowBytes>(row, piece);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      scale_elem[r] = min(row0 + 8 * r + g, n - 1) * k;
+      scale_row[r] = kNested ? scales.nested_codes + (scale_elem[r] >> 6)
+                             : reinterpret_cast<const uint8_t*>(scales.absmax + (scale_elem[r] >> 6));
+    }
+  };
+  enter_issue_tile();
+  int64_t issued = begin;
+  auto issue = [&](int slot) {
+    if (issued < end) {
+      const int64_t c0 = issue_c0;
+      const bool full = c0 + kSpan <= chunks;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int piece = (i * 32 + lane) % kPiecesPerRow;
+        if (full || piece * 16 < int(chunks - c0) * (kChunk / 2))
+          cp_async16(warp_ring + slot * kStageStride + copy_dst[i], copy_src[i] + c0 * (kChunk / 2));
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+#pragma unroll
+        for (int j = 0; j < kSpan; ++j) {
+          const int64_t c = j == 0 || full ? c0 + j : c0;  // (a missing chunk re-reads the first)
+          if constexpr (kBlock64) {
+            if constexpr (kNested) {
+              const uint16_t pair = reinterpret_cast<const uint16_t*>(scale_row[r])[c];
+              sbuf[slot][r][j][0] = float(pair & 0xff), sbuf[slot][r][j][1] = float(pair >> 8);
+              // (the block pair never straddles a nested group: groups start at even blocks)
+              const int64_t block = (scale_elem[r] >> 6) + 2 * c;
+              gbuf[slot][r][j] =
+                  scales.absmax[nested_log2 >= 0 ? block >> nested_log2 : block / scales.nested_blocksize];
+            } else {
+              const float2 pair = reinterpret_cast<const float2*>(scale_row[r])[c];
+              sbuf[slot][r][j][0] = pair.x, sbuf[slot][r][j][1] = pair.y;
+            }
+          } else {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int64_t block = (scale_elem[r] + c * kChunk + 64 * h + 16 * t) >> blocksize_log2;
+              if constexpr (kNested) {
+                // (any blocksize: the group may differ per h; finish the scale here, one load deep)
+                sbuf[slot][r][j][h] = __fadd_rn(
+                    mul_ftz(scales.nested_code[scales.nested_codes[block]],
+                            scales.absmax[nested_log2 >= 0 ? block >> nested_log2 : block / scales.nested_blocksize]),
+                    nested_offset);
+              } else {
+                sbuf[slot][r][j][h] = scales.absmax[block];
+              }
+            }
+          }
+        }
+      }
+      ++issued;
+      issue_c0 += kSpan;
+      if (issue_c0 >= chunks && issued < end) {
+        issue_c0 = 0, ++issue_tile;
+        enter_issue_tile();
+      }
+    }
+    cp_async_commit();
+  };
+
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+
+  int64_t row0 = (begin / stages_per_tile) * C::kTileRows + warp * C::kRows, c0 = (begin % stages_per_tile) * kSpan;
+  const T* x_lane = x + int64_t(g) * k + 16 * t;  // this lane's activation row (nt = 0), its columns
+  auto compute = [&](int slot, int64_t gs) {
+    const uint8_t* stage = warp_ring + slot * kStageStride;
+#pragma unroll
+    for (int j = 0; j < kSpan; ++j) {
+      if (j > 0 && c0 + j >= chunks) break;
+      const int64_t c = c0 + j;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint4 xu[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int64_t b = nt * 8 + g;
+#pragma unroll
+          for (int u = 0; u < 2; ++u)
+            xu[nt][u] = b < m ? __ldg(reinterpret_cast<const uint4*>(x_lane + nt * 8 * k + c * kChunk + 64 * h) + u)
+                              : make_uint4(0, 0, 0, 0);
+        }
+        float sc[2];
+        uint32_t sc_pair[2];
+        uint2 words[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int byte = j * (kChunk / 2) + 32 * h + 8 * t;
+          words[r] = *reinterpret_cast<const uint2*>(stage + ring_piece_offset<kRowBytes>(8 * r + g, byte / 16) +
+                                                     byte % 16);
+          const float s = kNested && kBlock64
+                              ? nested_scale(nested_code, sbuf[slot][r][j][h], gbuf[slot][r][j], nested_offset)
+                              : sbuf[slot][r][j][h];
+          sc[r] = row0 + 8 * r + g < n ? s : 0.0f;
+          sc_pair[r] = Pair<T>::of(sc[r], sc[r]);
+        }
+        float part[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) part[nt][i] = 0.0f;
+#pragma unroll
+        for (int u = 0; u < 2; ++u)
+#pragma unroll
+          for (int s = 0; s < 2; ++s) {
+            uint32_t a[4];
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const uint32_t word = u == 0 ? words[r].x : words[r].y;
+              uint32_t lo = load_pair(table, s == 0 ? pair_offset_wide<0>(word, lane_bytes)
+                                                    : pair_offset_wide<2>(word, lane_bytes));
+              uint32_t hi = load_pair(table, s == 0 ? pair_offset_wide<1>(word, lane_bytes)
+                                                    : pair_offset_wide<3>(word, lane_bytes));
+              if constexpr (!kPostScale) lo = Pair<T>::mul(lo, sc_pair[r]), hi = Pair<T>::mul(hi, sc_pair[r]);
+              a[r] = lo, a[r + 2] = hi;
+            }
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+              const uint32_t b0 = s == 0 ? xu[nt][u].x : xu[nt][u].z, b1 = s == 0 ? xu[nt][u].y : xu[nt][u].w;
+              mma16816<T>(kPostScale ? part[nt] : acc[nt], a, b0, b1);
+            }
+          }
+        if constexpr (kPostScale) {
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[nt][i] = __fmaf_rn(sc[i / 2], part[nt][i], acc[nt][i]);
+        }
+      }
+    }
+    // The tile ends here (or the block's range does): add this warp's sums to the workspace.
+    c0 += kSpan;
+    if (c0 >= chunks || gs + 1 == end) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int64_t f = row0 + g + (i / 2) * 8, b = nt * 8 + 2 * t + (i % 2);
+          if (f < n && b < m) atomicAdd(partial + b * n + f, acc[nt][i]);
+          acc[nt][i] = 0.0f;
+        }
+      c0 = 0, row0 += C::kTileRows;
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(s);
+  __syncthreads();  // the pair table
+  for (int64_t gs = begin; gs < end; gs += kStages) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      if (gs + s < end) {
+        // This lane's copies of stage gs+s have landed; __syncwarp makes the warp's visible and
+        // says every lane is done with stage gs+s-1's slot, which now receives gs+s+kStages-1.
+        cp_async_wait<kStages - 2>();
+        __syncwarp();
+        issue((s + kStages - 1) % kStages);
+        compute(s, gs + s);
+      }
+    }
+  }
+}
+
+template <typename T, int NT, bool kBlock64, bool kNested>
+void launch_stream(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed,
+                   const fp4_scales& scales, int64_t n, int log2, const Code16& code, const T* bias, T* y,
+                   float* workspace) {
+  using C = StreamConfig;
+  auto* kernel = gemm_stream_kernel<T, NT, kBlock64, kNested>;
+  static std::atomic<int> attribute_set[64];
+  const int device = exec.device_index;
+  if (device < 0 || device >= 64 || attribute_set[device].load() == 0) {
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes)),
+          "cudaFuncSetAttribute");
+    if (device >= 0 && device < 64) attribute_set[device].store(1);
+  }
+  const int64_t chunks = k / kChunk;
+  const int64_t stages_per_tile = (chunks + C::kSpan - 1) / C::kSpan;
+  const int64_t tiles = (n + C::kTileRows - 1) / C::kTileRows;
+  const int64_t total = tiles * stages_per_tile;
+  const int64_t grid = std::min<int64_t>(sm_count(device), total);
+  const int nested_log2 = nested_shift(scales);
+  cudaStream_t stream = stream_of(exec);
+  check(cudaMemsetAsync(workspace, 0, size_t(m * n) * sizeof(float), stream), "cudaMemsetAsync");
+  kernel<<<unsigned(grid), C::kThreads, C::kSmemBytes, stream>>>(x, m, k, packed, scales, nested_log2, n, log2, code,
+                                                                 stages_per_tile, total, workspace);
+  check_launch("gemm_4bit stream kernel");
+  finish_kernel<T><<<grid_for(m * n, 256, 4096), 256, 0, stream>>>(workspace, m, n, bias, y);
+  check_launch("gemm_4bit finish kernel");
+}
+
+}  // namespace
+
+void gemm_4bit_stream(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m, int64_t k,
+                      const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
+                      void* y, float* workspace) {
+  const int log2 = log2_of(blocksize);
+  const bool paired = paired_scales_ok(scales, blocksize);
+  auto run = [&](auto* tag, auto nt_tag, auto nested_tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    constexpr int NT = decltype(nt_tag)::value;
+    constexpr bool kNested = decltype(nested_tag)::value;
+    const T* xt = static_cast<const T*>(x);
+    const T* bt = static_cast<const T*>(bias);
+    T* yt = static_cast<T*>(y);
+    if (paired)
+      launch_stream<T, NT, true, kNested>(exec, xt, m, k, packed, scales, n, log2, code, bt, yt, workspace);
+    else
+      launch_stream<T, NT, false, kNested>(exec, xt, m, k, packed, scales, n, log2, code, bt, yt, workspace);
+  };
+  auto with_nested = [&](auto* tag, auto nt_tag) {
+    if (scales.nested_codes != nullptr)
+      run(tag, nt_tag, std::true_type());
+    else
+      run(tag, nt_tag, std::false_type());
+  };
+  auto with_tile = [&](auto* tag) {
+    if (m <= 8)
+      with_nested(tag, std::integral_constant<int, 1>());
+    else
+      with_nested(tag, std::integral_constant<int, 2>());
+  };
+  if (dtype == FP4_FLOAT16)
+    with_tile(static_cast<__half*>(nullptr));
+  else
+    with_tile(static_cast<__nv_bfloat16*>(nullptr));
+}
+
+}  // namespace fp4::cuda

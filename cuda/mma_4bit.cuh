@@ -1,0 +1,185 @@
+// Building blocks of the tensor-core 4-bit kernels (gemm_mma.cu: batch 17-64, gemm_stream.cu:
+// batch <= 16): fragment types, the mma, cp.async, the code-pair table and its lookups.
+//
+// Shared facts. The product is computed transposed, y^T = W x^T, so the weight is the mma's A
+// operand (16 output features per m16n8k16 tile) and the batch is its N (8 rows of x per tile).
+// The k-sum's order is free, so within each 128-wide chunk of k, lane (g = lane/4, t = lane%4) takes
+// the *physical* columns 64h + 16t + [0, 16), h = 0, 1, as its logical fragment columns of k16 steps
+// 4h .. 4h + 3 (step 4h + j: physical 64h + 16t + 4j + {0,1} -> fragment columns 2t + {0,1}; + {2,3} ->
+// 2t + 8 + {0,1}); the activations go through the same map. Each k16 step then lies in one 64-column
+// block of every row, so with blocksize >= 64 the mma can run on unscaled codes and the block's
+// scale multiplies its four-step partial sums once.
+//
+// A byte becomes two weights with one shared-memory load from a 256-entry table of code pairs in
+// fp16/bf16, one copy per lane so lanes never conflict on banks. Each weight is within one
+// fp16/bf16 rounding of the value dequantize_4bit produces.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <atomic>
+
+#include "common.cuh"
+
+namespace fp4::cuda {
+
+constexpr int kChunk = 128;  // k columns per multiply step
+constexpr size_t kCodeBytes = (16 + 256) * sizeof(float);  // the format's codes, the nested codebook
+constexpr size_t kWarpStageBytes = 2048;                   // a warp's weights per ring stage
+
+// Two values of T in one 32-bit register (low half = the lower k index), and their product with a
+// scale held the same way: one HMUL2 per two weights.
+template <typename T>
+struct Pair;
+template <>
+struct Pair<__half> {
+  static __device__ __forceinline__ uint32_t of(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ uint32_t mul(uint32_t a, uint32_t b) {
+    const __half2 r = __hmul2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+};
+template <>
+struct Pair<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t of(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+  static __device__ __forceinline__ uint32_t mul(uint32_t a, uint32_t b) {
+    const __nv_bfloat162 r =
+        __hmul2(*reinterpret_cast<const __nv_bfloat162*>(&a), *reinterpret_cast<const __nv_bfloat162*>(&b));
+    return *reinterpret_cast<const uint32_t*>(&r);
+  }
+};
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float* d, const uint32_t* a, uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__half>(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Activations in shared memory, 16-byte units. A lane reads units 8h + 2t (+1) of its row in each
+// 128-column chunk; in each 128-byte phase of those reads lanes (g, t) and (g + 1, t) hit rows r and
+// r + 1, so storing unit p of row r at p ^ (r & 1) puts the 8 reads in 8 different bank groups (row
+// strides are multiples of 8 units).
+__device__ __forceinline__ int x_unit(int row, int unit) { return unit ^ (row & 1); }
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* global) {
+  const unsigned dst = unsigned(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// The pair table: byte -> (code[high nibble], code[low nibble]) as a pair of T, in rows of kRowStride
+// bytes whose first 128 hold one copy per lane (lane l reads column l: always its own bank).
+// `codes` receives the 16 codes (and with nested statistics the 256-entry codebook after them); one
+// barrier inside. Thread i fills lanes 4 (i % 8) .. 4 (i % 8) + 3 of every (threads / 8)-th byte.
+template <typename T, int kRowStride, bool kNested>
+__device__ __forceinline__ void build_pair_table(uint8_t* table, float* codes, const Code16& code,
+                                                 const fp4_scales& scales) {
+  if (threadIdx.x < 16) {  // (a static index per candidate: indexing the parameter would copy it to the stack)
+    float v = code.v[0];
+#pragma unroll
+    for (int i = 1; i < 16; ++i) v = threadIdx.x == i ? code.v[i] : v;
+    codes[threadIdx.x] = v;
+  }
+  if constexpr (kNested)
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) codes[16 + i] = scales.nested_code[i];
+  __syncthreads();
+  for (int byte = threadIdx.x / 8; byte < 256; byte += blockDim.x / 8) {
+    const uint32_t pair = Pair<T>::of(codes[byte >> 4], codes[byte & 15]);
+    reinterpret_cast<uint4*>(table + byte * kRowStride)[threadIdx.x % 8] = make_uint4(pair, pair, pair, pair);
+  }
+}
+
+// A byte's table offset for this lane. 128-byte rows: byte * 128 + lane * 4, one shift and one
+// and-or (the lane's bits and the byte's do not overlap). 256-byte rows: byte * 256 + lane * 4, one
+// byte permute of the word and the lane's offset (one instruction less per byte, twice the table).
+template <int B>
+__device__ __forceinline__ uint32_t pair_offset(uint32_t word, uint32_t lane_bytes) {
+  const uint32_t shifted = B == 0 ? word << 7 : word >> (8 * B - 7);
+  return (shifted & 0x7f80u) | lane_bytes;
+}
+template <int B>
+__device__ __forceinline__ uint32_t pair_offset_wide(uint32_t word, uint32_t lane_bytes) {
+  return __byte_perm(word, lane_bytes, 0x5504u | (B << 4));
+}
+__device__ __forceinline__ uint32_t load_pair(const uint8_t* table, uint32_t offset) {
+  return *reinterpret_cast<const uint32_t*>(table + offset);
+}
+
+// 16-byte piece p of weight row `row` in a warp's ring stage: rows of kRowBytes, pieces swizzled so
+// the 8-byte reads of lanes g = 0..3 (rows row .. row + 3, pieces 2q, 2q + 1) hit 8 bank groups.
+template <int kRowBytes>
+__device__ __forceinline__ int ring_piece_offset(int row, int piece) {
+  const int swizzle = kRowBytes == 128 ? 2 * (row % 4) : 2 * ((row / 2) % 2);
+  return row * kRowBytes + ((piece ^ swizzle) * 16);
+}
+
+// A nested block's scale: an fp32 multiply then an fp32 add, as bitsandbytes computes it.
+__device__ __forceinline__ float nested_scale(const float* nested_code, float code, float group_absmax,
+                                              float nested_offset) {
+  return __fadd_rn(mul_ftz(nested_code[int(code)], group_absmax), nested_offset);
+}
+
+// Nested statistics group blocks by nested_blocksize (256 in bitsandbytes): kernels shift by this
+// when it is a power of two (>= 0), divide otherwise (-1).
+inline int nested_shift(const fp4_scales& scales) {
+  const int64_t b = scales.nested_blocksize;
+  return scales.nested_codes != nullptr && b > 0 && (b & (b - 1)) == 0 ? log2_of(b) : -1;
+}
+
+// Blocksize 64 lets a kernel load a row's two scales of a chunk as one aligned pair (8 bytes, or 2
+// nested codes of one group) when the pointers allow it.
+inline bool paired_scales_ok(const fp4_scales& scales, int64_t blocksize) {
+  if (blocksize != 64) return false;
+  if (scales.nested_codes != nullptr)
+    return reinterpret_cast<uintptr_t>(scales.nested_codes) % 2 == 0 && scales.nested_blocksize % 2 == 0;
+  return reinterpret_cast<uintptr_t>(scales.absmax) % 8 == 0;
+}
+
+// Split-k / stream-k partial sums (fp32 workspace) plus bias, rounded to T.
+template <typename T>
+__global__ void finish_kernel(const float* __restrict__ partial, int64_t m, int64_t n, const T* __restrict__ bias,
+                              T* __restrict__ y) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < m * n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = store_from_float<T>(partial[i] + (bias ? load_as_float(bias + i % n) : 0.0f));
+}
+
+// Multiprocessors on `device`, cached (the query costs microseconds per launch).
+inline int sm_count(int device) {
+  static std::atomic<int> cached[64];  // (threads may race to fill it: they store the same value)
+  if (device < 0 || device >= 64) return 132;
+  if (cached[device].load() == 0) {
+    int count = 0;
+    check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    cached[device].store(count);
+  }
+  return cached[device].load();
+}
+
+// The small-batch kernel (gemm_stream.cu): m <= 16, fp16/bf16, k % 128 == 0.
+void gemm_4bit_stream(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m, int64_t k,
+                      const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
+                      void* y, float* workspace);
+
+}  // namespace fp4::cuda
