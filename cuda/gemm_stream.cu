@@ -11,18 +11,21 @@ namespace {
 // Memory-bound by design, so the structure serves DRAM. Reading 4 KB weight rows in 64-byte pieces
 // per row and step peaks at 1.6-2.2 TB/s on the H100, 128-byte pieces at 2.2-2.7 (a sequential read:
 // 2.7; docs/perf-log.md), so each warp owns 16 rows and streams 128 bytes of each per stage. DRAM
-// needs ~100+ KB in flight per SM to pass 2.5 TB/s with this access pattern (measured), and
+// needs ~100 KB in flight per SM to pass 2.5 TB/s with this access pattern (measured), and
 // short-lived blocks pay a pipeline fill, a drain and a pair-table build each. So batch <= 16 runs
-// one block of 16 warps per SM (one 32 KB table) with a 5-stage ring (4 in flight: 128 KB per SM),
-// and each block walks a contiguous range of the flattened (feature tile, stage) space, flushing
-// its sums to the fp32 workspace whenever the tile changes. Activations are read through L1 (every
-// warp of the block reads the same ones).
+// one block of 16 warps per SM (one pair table) with a 4-stage ring (3 stages, 96 KB, in flight per
+// SM), and each block walks a contiguous range of the flattened (feature tile, stage) space,
+// flushing its sums to the fp32 workspace whenever the tile changes. Activations are read through
+// L1 (every warp of the block reads the same ones). The mma runs on unscaled codes when blocksize
+// is 64 (the block scale multiplies each 64-column partial sum once).
+template <int NT>
 struct StreamConfig {
   static constexpr int kWarps = 16, kThreads = kWarps * 32;
   static constexpr int kRows = 16;                      // weight rows per warp (one m16 tile)
   static constexpr int kSpan = 2;                       // chunks per stage: 128 bytes per row
   static constexpr int kRowBytes = kSpan * kChunk / 2;
-  static constexpr int kStages = 4;
+  // (two n8 tiles need the registers of one stage of scales: 128 per thread)
+  static constexpr int kStages = NT == 1 ? 4 : 3;
   static constexpr int kTileRows = kWarps * kRows;      // 256 features per tile
   static constexpr size_t kRingBytes = size_t(kStages) * kWarps * kWarpStageBytes;
   // Pair table rows of 256 bytes (lanes use the first 128): a byte's offset is one permute.
@@ -32,11 +35,11 @@ struct StreamConfig {
 };
 
 template <typename T, int NT, bool kBlock64, bool kNested>
-__global__ void __launch_bounds__(StreamConfig::kThreads, 1)
+__global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
     gemm_stream_kernel(const T* __restrict__ x, int64_t m, int64_t k, const uint8_t* __restrict__ packed,
                        fp4_scales scales, int nested_log2, int64_t n, int blocksize_log2, Code16 code,
                        int64_t stages_per_tile, int64_t total_stages, float* __restrict__ partial) {
-  using C = StreamConfig;
+  using C = StreamConfig<NT>;
   constexpr int kSpan = C::kSpan, kRowBytes = C::kRowBytes, kStages = C::kStages;
   constexpr bool kPostScale = kBlock64;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -246,7 +249,7 @@ template <typename T, int NT, bool kBlock64, bool kNested>
 void launch_stream(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed,
                    const fp4_scales& scales, int64_t n, int log2, const Code16& code, const T* bias, T* y,
                    float* workspace) {
-  using C = StreamConfig;
+  using C = StreamConfig<NT>;
   auto* kernel = gemm_stream_kernel<T, NT, kBlock64, kNested>;
   static std::atomic<int> attribute_set[64];
   const int device = exec.device_index;
