@@ -332,35 +332,13 @@ void gemm_4bit(const fp4_exec& exec, fp4_quant_type type, const void* x, fp4_dty
   float* ws = static_cast<float*>(workspace);
   if (m <= 16) return gemm_4bit_stream(exec, code, dtype, x, m, k, packed, scales, n, blocksize, bias, y, ws);
   const int log2 = log2_of(blocksize);
-  const bool paired = paired_scales_ok(scales, blocksize);
-  auto run = [&](auto* tag, auto nt_tag, auto nested_tag) {
+  // (batches past 64 take the wide tile; grid.z covers them)
+  dispatch_variant<4, 8>(dtype, m, 32, scales, blocksize, [&](auto* tag, auto nt, auto nested, auto paired) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    constexpr int NT = decltype(nt_tag)::value;
-    constexpr bool kNested = decltype(nested_tag)::value;
-    const T* xt = static_cast<const T*>(x);
-    const T* bt = static_cast<const T*>(bias);
-    T* yt = static_cast<T*>(y);
-    if (paired)
-      launch<T, NT, true, kNested>(exec, xt, m, k, packed, scales, n, log2, code, bt, yt, ws);
-    else
-      launch<T, NT, false, kNested>(exec, xt, m, k, packed, scales, n, log2, code, bt, yt, ws);
-  };
-  auto with_nested = [&](auto* tag, auto nt_tag) {
-    if (scales.nested_codes != nullptr)
-      run(tag, nt_tag, std::true_type());
-    else
-      run(tag, nt_tag, std::false_type());
-  };
-  auto with_tile = [&](auto* tag) {
-    if (m <= 32)
-      with_nested(tag, std::integral_constant<int, 4>());
-    else
-      with_nested(tag, std::integral_constant<int, 8>());  // (grid.z covers batches past 64)
-  };
-  if (dtype == FP4_FLOAT16)
-    with_tile(static_cast<__half*>(nullptr));
-  else
-    with_tile(static_cast<__nv_bfloat16*>(nullptr));
+    launch<T, decltype(nt)::value, decltype(paired)::value, decltype(nested)::value>(
+        exec, static_cast<const T*>(x), m, k, packed, scales, n, log2, code, static_cast<const T*>(bias),
+        static_cast<T*>(y), ws);
+  });
 }
 
 }  // namespace fp4::cuda

@@ -279,35 +279,12 @@ void gemm_4bit_stream(const fp4_exec& exec, const Code16& code, fp4_dtype dtype,
                       const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
                       void* y, float* workspace) {
   const int log2 = log2_of(blocksize);
-  const bool paired = paired_scales_ok(scales, blocksize);
-  auto run = [&](auto* tag, auto nt_tag, auto nested_tag) {
+  dispatch_variant<1, 2>(dtype, m, 8, scales, blocksize, [&](auto* tag, auto nt, auto nested, auto paired) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    constexpr int NT = decltype(nt_tag)::value;
-    constexpr bool kNested = decltype(nested_tag)::value;
-    const T* xt = static_cast<const T*>(x);
-    const T* bt = static_cast<const T*>(bias);
-    T* yt = static_cast<T*>(y);
-    if (paired)
-      launch_stream<T, NT, true, kNested>(exec, xt, m, k, packed, scales, n, log2, code, bt, yt, workspace);
-    else
-      launch_stream<T, NT, false, kNested>(exec, xt, m, k, packed, scales, n, log2, code, bt, yt, workspace);
-  };
-  auto with_nested = [&](auto* tag, auto nt_tag) {
-    if (scales.nested_codes != nullptr)
-      run(tag, nt_tag, std::true_type());
-    else
-      run(tag, nt_tag, std::false_type());
-  };
-  auto with_tile = [&](auto* tag) {
-    if (m <= 8)
-      with_nested(tag, std::integral_constant<int, 1>());
-    else
-      with_nested(tag, std::integral_constant<int, 2>());
-  };
-  if (dtype == FP4_FLOAT16)
-    with_tile(static_cast<__half*>(nullptr));
-  else
-    with_tile(static_cast<__nv_bfloat16*>(nullptr));
+    launch_stream<T, decltype(nt)::value, decltype(paired)::value, decltype(nested)::value>(
+        exec, static_cast<const T*>(x), m, k, packed, scales, n, log2, code, static_cast<const T*>(bias),
+        static_cast<T*>(y), workspace);
+  });
 }
 
 }  // namespace fp4::cuda

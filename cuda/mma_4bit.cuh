@@ -19,6 +19,7 @@
 #include <cuda_fp16.h>
 
 #include <atomic>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -155,6 +156,37 @@ inline bool paired_scales_ok(const fp4_scales& scales, int64_t blocksize) {
   if (scales.nested_codes != nullptr)
     return reinterpret_cast<uintptr_t>(scales.nested_codes) % 2 == 0 && scales.nested_blocksize % 2 == 0;
   return reinterpret_cast<uintptr_t>(scales.absmax) % 8 == 0;
+}
+
+// Calls launch(T*, NT tag, nested tag, paired tag) with compile-time types for the kernel variant:
+// the element type, the n8 tiles per warp (kNarrow for m <= narrow_max_m, else kWide), nested
+// statistics or not, and paired scale loads or not.
+template <int kNarrow, int kWide, typename Launch>
+void dispatch_variant(fp4_dtype dtype, int64_t m, int64_t narrow_max_m, const fp4_scales& scales, int64_t blocksize,
+                      Launch&& launch) {
+  const bool paired = paired_scales_ok(scales, blocksize);
+  auto with_paired = [&](auto* tag, auto nt, auto nested) {
+    if (paired)
+      launch(tag, nt, nested, std::true_type());
+    else
+      launch(tag, nt, nested, std::false_type());
+  };
+  auto with_nested = [&](auto* tag, auto nt) {
+    if (scales.nested_codes != nullptr)
+      with_paired(tag, nt, std::true_type());
+    else
+      with_paired(tag, nt, std::false_type());
+  };
+  auto with_tile = [&](auto* tag) {
+    if (m <= narrow_max_m)
+      with_nested(tag, std::integral_constant<int, kNarrow>());
+    else
+      with_nested(tag, std::integral_constant<int, kWide>());
+  };
+  if (dtype == FP4_FLOAT16)
+    with_tile(static_cast<__half*>(nullptr));
+  else
+    with_tile(static_cast<__nv_bfloat16*>(nullptr));
 }
 
 // Split-k / stream-k partial sums (fp32 workspace) plus bias, rounded to T.
