@@ -116,5 +116,8 @@ def test_dispatch_thresholds():
     assert ops.choose_kernel(x.float(), args, 5) == "gemv"  # float32: no tensor-core path
     assert ops.choose_kernel(x.float(), args, 16) == "dequantize_matmul"
     # Large weights take the GEMM from batch 1 (its fixed cost is small next to the weight read).
-    big = ops.KernelArgs(args.codes, args.scales, "nf4", 64, (ops.CUDA_GEMV_MAX_WEIGHTS // 256, 256))
-    assert ops.choose_kernel(x, big, 1) == "gemm"
+    for m, limit in ops.CUDA_GEMV_MAX_WEIGHTS.items():
+        big = ops.KernelArgs(args.codes, args.scales, "nf4", 64, (limit // 256, 256))
+        assert ops.choose_kernel(x, big, m) == "gemm"
+        small = ops.KernelArgs(args.codes, args.scales, "nf4", 64, (limit // 512, 256))
+        assert ops.choose_kernel(x, small, m) == "gemv"

@@ -13,16 +13,17 @@ from .quant_state import QuantState
 
 # Which CUDA kernel serves which batch (fp16/bf16 activations, in_features % 128 == 0 and aligned
 # buffers; otherwise the GEMV up to its largest batch, then dequantize + cuBLAS):
-#   m == 1 and fewer than CUDA_GEMV_MAX_WEIGHTS weights   the fused GEMV (warp per output feature)
+#   m <= 2 with fewer weights than CUDA_GEMV_MAX_WEIGHTS[m]   the fused GEMV (warp per output feature)
 #   m <= CUDA_GEMM_MAX_BATCH      the fused tensor-core GEMM (stream-K kernel to 16, tiled to 64)
 #   larger                        dequantize into a temporary, then cuBLAS
 # Measured on the H100 (`python -m fp4 bench --kernels`, bf16 nf4, CUDA graphs, weights beyond L2),
 # us for GEMV / GEMM / dequantize+cuBLAS: (28672, 8192) batch 1: 73.0 / 64.8 / 409, batch 4:
-# 150 / 66.4 / 410, batch 64: - / 172 / 412; (4096, 14336) batch 1: 22.2 / 23.8 / 118, batch 4:
-# 42.0 / 24.3 / 119 (the GEMM's fixed cost, ~3 us of workspace clear and finish, decides batch 1).
-# docs/perf-log.md has the history.
-CUDA_GEMV_MAX_BATCH = 1
-CUDA_GEMV_MAX_WEIGHTS = 1 << 27
+# 150 / 66.4 / 410, batch 64: - / 172 / 412; (8192, 8192) batch 1: 25.1 / 25.6, batch 2: 31.6 /
+# 26.0; (4096, 14336) batch 1: 22.1 / 23.9, batch 2: 28.8 / 24.5; (4096, 4096) batch 1: 9.6 / 12.2,
+# batch 2: 10.9 / 12.0 (the GEMM's fixed cost, ~3 us of workspace clear and finish, decides small
+# weights). docs/perf-log.md has the history.
+CUDA_GEMV_MAX_WEIGHTS = {1: 1 << 27, 2: 1 << 25}
+CUDA_GEMV_MAX_BATCH = max(CUDA_GEMV_MAX_WEIGHTS)
 CUDA_GEMM_MAX_BATCH = 64
 GEMV_KERNEL_MAX_BATCH = _C.gemv_max_batch()  # the largest batch the GEMV kernel takes
 KERNELS = ("gemv", "gemm", "dequantize_matmul")
@@ -102,7 +103,7 @@ def choose_kernel(x: torch.Tensor, args: KernelArgs, m: int) -> str:
     if x.device.type != "cuda":
         return "gemv"  # the CPU kernel serves every batch
     gemm = gemm_supports(x, args)
-    if m <= CUDA_GEMV_MAX_BATCH and (not gemm or args.out_features * args.in_features < CUDA_GEMV_MAX_WEIGHTS):
+    if m <= CUDA_GEMV_MAX_BATCH and (not gemm or args.out_features * args.in_features < CUDA_GEMV_MAX_WEIGHTS[m]):
         return "gemv"
     if gemm:
         return "gemm" if m <= CUDA_GEMM_MAX_BATCH else "dequantize_matmul"
