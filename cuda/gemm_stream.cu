@@ -1,10 +1,3 @@
-#include "mma_4bit.cuh"
-
-#include <type_traits>
-
-namespace fp4::cuda {
-namespace {
-
 // The 4-bit linear layer on tensor cores for batch <= 16 (fp16/bf16 activations), read straight
 // from the bitsandbytes layout. Fragment mapping and decode: mma_4bit.cuh.
 //
@@ -18,6 +11,13 @@ namespace {
 // flushing its sums to the fp32 workspace whenever the tile changes. Activations are read through
 // L1 (every warp of the block reads the same ones). The mma runs on unscaled codes when blocksize
 // is 64 (the block scale multiplies each 64-column partial sum once).
+#include "mma_4bit.cuh"
+
+#include <type_traits>
+
+namespace fp4::cuda {
+namespace {
+
 template <int NT>
 struct StreamConfig {
   static constexpr int kWarps = 16, kThreads = kWarps * 32;
