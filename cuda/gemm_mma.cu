@@ -25,8 +25,7 @@ constexpr size_t kTableBytes = 256 * 32 * sizeof(uint32_t);
 template <int NT>
 struct TileConfig {
   static constexpr int kMT = 2;                      // m16 tiles per warp: 32 weight rows
-  static constexpr int kSpan = 1;                    // chunks per ring stage
-  static constexpr int kRowBytes = kChunk / 2;       // bytes per weight row per stage
+  static constexpr int kRowBytes = kChunk / 2;       // bytes per weight row per stage (one chunk)
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kStages = 3;                  // two in flight while one is multiplied
@@ -45,7 +44,7 @@ __global__ void __launch_bounds__(TileConfig<NT>::kThreads, TileConfig<NT>::kMin
                     int64_t chunks_per_split, const T* __restrict__ bias, T* __restrict__ y,
                     float* __restrict__ partial) {
   using Config = TileConfig<NT>;
-  constexpr int MT = Config::kMT, kSpan = Config::kSpan, kRowBytes = Config::kRowBytes;
+  constexpr int MT = Config::kMT, kRowBytes = Config::kRowBytes;
   constexpr int kWarps = Config::kWarps, kStages = Config::kStages;
   // Shared memory: the pair table, the codes, the weight ring, then the activation ring.
   extern __shared__ __align__(16) uint8_t smem[];
@@ -65,13 +64,13 @@ __global__ void __launch_bounds__(TileConfig<NT>::kThreads, TileConfig<NT>::kMin
   const int64_t chunk_begin = int64_t(blockIdx.y) * chunks_per_split;
   const int64_t chunk_end = min(chunks, chunk_begin + chunks_per_split);
   if (chunk_begin >= chunk_end) return;  // (block-uniform: the barriers below see every warp)
-  const int64_t stages = (chunk_end - chunk_begin + kSpan - 1) / kSpan;
+  const int64_t stages = chunk_end - chunk_begin;  // one chunk per ring stage
   const float nested_offset = kNested ? *scales.nested_offset : 0.0f;
   const int rows = int(m - batch0 < 8 * NT ? m - batch0 : 8 * NT);  // real activation rows in this tile
 
   // This lane's weight rows are g and g + 8 of each m16 tile: warp row 16 mt + 8 r + g. Its columns
-  // of chunk j of a stage are 64h + 16t + [0, 16): bytes 32h + 8t + [0, 8) of the chunk. Rows past n
-  // read row 0 and get scale 0.
+  // of a chunk are 64h + 16t + [0, 16): bytes 32h + 8t + [0, 8) of the chunk. Rows past n read row 0
+  // and get scale 0.
   int64_t welem[MT][2];  // element index of the row's first column
   bool wvalid[MT][2];
 #pragma unroll
@@ -96,12 +95,11 @@ __global__ void __launch_bounds__(TileConfig<NT>::kThreads, TileConfig<NT>::kMin
   uint8_t* const warp_ring = ring + warp * kWarpStageBytes;
   constexpr int kStageStride = kWarps * int(kWarpStageBytes);
 
-  // Copy activations [rows, chunks c0 .. c0 + count) to shared memory, `stride` units per row.
-  auto stage_x = [&](uint4* dst, int64_t c0, int count, int stride) {
-    for (int i = threadIdx.x; i < rows * count * 16; i += Config::kThreads) {
-      const int row = i / (count * 16), unit = i % (count * 16);
-      cp_async16(dst + row * stride + (unit & ~15) + x_unit(row, unit & 15),
-                 x + (batch0 + row) * k + c0 * kChunk + unit * 8);
+  // Copy chunk c of the tile's activation rows to shared memory: 16 units per row.
+  auto stage_x = [&](uint4* dst, int64_t c) {
+    for (int i = threadIdx.x; i < rows * 16; i += Config::kThreads) {
+      const int row = i / 16, unit = i % 16;
+      cp_async16(dst + row * 16 + x_unit(row, unit), x + (batch0 + row) * k + c * kChunk + unit * 8);
     }
   };
 
@@ -113,61 +111,27 @@ __global__ void __launch_bounds__(TileConfig<NT>::kThreads, TileConfig<NT>::kMin
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
 
-  // Scales ride a register ring beside the weights. With nested statistics a scale is its 8-bit
-  // code and its group's absmax, finished when used.
-  float sbuf[kStages][MT][2][kSpan][2];  // [stage][mt][row g / g + 8][chunk][h]
-  float gbuf[kStages][MT][2][kSpan][2];
-  // Request ring stage `st` (chunks chunk_begin + kSpan st ..) into slot `slot`: one commit group
-  // per call, empty past the end.
-  auto issue = [&](int slot, int64_t st) {
-    if (st < stages) {
-      const int64_t c0 = chunk_begin + st * kSpan;
-      const bool full = c0 + kSpan <= chunk_end;  // (the last stage of a split may hold fewer chunks)
+  // Scales ride a register ring beside the weights, as loaded (see load_chunk_scales).
+  uint32_t sraw[kStages][MT][2][2];  // [stage][mt][row g / g + 8][h]
+  float sgroup[kStages][MT][2][2];
+  // Request chunk c into ring slot `slot`: one commit group per call, empty past the end.
+  auto issue = [&](int slot, int64_t c) {
+    if (c < chunk_end) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int piece = (i * 32 + lane) % kPiecesPerRow;
-        if (full || piece * 16 < int(chunk_end - c0) * (kChunk / 2))
-          cp_async16(warp_ring + slot * kStageStride + copy_dst[i], copy_src[i] + c0 * (kChunk / 2));
-      }
+      for (int i = 0; i < 4; ++i)
+        cp_async16(warp_ring + slot * kStageStride + copy_dst[i], copy_src[i] + c * (kChunk / 2));
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
-#pragma unroll
-          for (int j = 0; j < kSpan; ++j) {
-            const int64_t c = j == 0 || full ? c0 + j : c0;  // (a missing chunk re-reads the first)
-            if constexpr (kBlock64) {
-              const int64_t block = (welem[mt][r] >> 6) + 2 * c;  // even: k % 128 == 0
-              if constexpr (kNested) {
-                const uint16_t pair = *reinterpret_cast<const uint16_t*>(scales.nested_codes + block);
-                sbuf[slot][mt][r][j][0] = float(pair & 0xff), sbuf[slot][mt][r][j][1] = float(pair >> 8);
-                // (the block pair never straddles a nested group: groups start at even blocks)
-                gbuf[slot][mt][r][j][0] = gbuf[slot][mt][r][j][1] =
-                    scales.absmax[nested_log2 >= 0 ? block >> nested_log2 : block / scales.nested_blocksize];
-              } else {
-                const float2 pair = *reinterpret_cast<const float2*>(scales.absmax + block);
-                sbuf[slot][mt][r][j][0] = pair.x, sbuf[slot][mt][r][j][1] = pair.y;
-              }
-            } else {
-#pragma unroll
-              for (int h = 0; h < 2; ++h) {
-                const int64_t block = (welem[mt][r] + c * kChunk + 64 * h + 16 * t) >> blocksize_log2;
-                if constexpr (kNested) {
-                  sbuf[slot][mt][r][j][h] = float(scales.nested_codes[block]);
-                  gbuf[slot][mt][r][j][h] =
-                      scales.absmax[nested_log2 >= 0 ? block >> nested_log2 : block / scales.nested_blocksize];
-                } else {
-                  sbuf[slot][mt][r][j][h] = scales.absmax[block];
-                }
-              }
-            }
-          }
-      stage_x(xs + slot * 8 * NT * 16, c0, 1, 16);
+          load_chunk_scales<kBlock64, kNested>(scales, welem[mt][r], c, t, blocksize_log2, nested_log2,
+                                               sraw[slot][mt][r], sgroup[slot][mt][r]);
+      stage_x(xs + slot * 8 * NT * 16, c);
     }
     cp_async_commit();
   };
-  // Multiply chunk j of the stage in `slot` (chunk c of the split).
-  auto compute = [&](int slot, int j, int64_t c) {
+  // Multiply the chunk in ring slot `slot`.
+  auto compute = [&](int slot) {
     const uint8_t* stage = warp_ring + slot * kStageStride;
     const uint4* xstage = xs + slot * 8 * NT * 16;
 #pragma unroll
@@ -178,13 +142,12 @@ __global__ void __launch_bounds__(TileConfig<NT>::kThreads, TileConfig<NT>::kMin
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const int byte = j * (kChunk / 2) + 32 * h + 8 * t;
+          const int byte = 32 * h + 8 * t;
           words[mt][r] = *reinterpret_cast<const uint2*>(
               stage + ring_piece_offset<kRowBytes>(16 * mt + 8 * r + g, byte / 16) + byte % 16);
-          const float s = kNested ? nested_scale(nested_code, sbuf[slot][mt][r][j][h], gbuf[slot][mt][r][j][h],
-                                                 nested_offset)
-                                  : sbuf[slot][mt][r][j][h];
-          const float scale = wvalid[mt][r] ? s : 0.0f;
+          const float scale = wvalid[mt][r] ? finish_scale<kBlock64, kNested>(sraw[slot][mt][r], sgroup[slot][mt][r],
+                                                                               h, nested_code, nested_offset)
+                                            : 0.0f;
           sc_pair[mt][r] = Pair<T>::of(scale, scale);
         }
 #pragma unroll
@@ -223,7 +186,7 @@ __global__ void __launch_bounds__(TileConfig<NT>::kThreads, TileConfig<NT>::kMin
 
   // Prologue: kStages - 1 stages in flight.
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) issue(s, s);
+  for (int s = 0; s < kStages - 1; ++s) issue(s, chunk_begin + s);
   __syncthreads();  // the pair table
   for (int64_t st = 0; st < stages; st += kStages) {
 #pragma unroll
@@ -233,11 +196,8 @@ __global__ void __launch_bounds__(TileConfig<NT>::kThreads, TileConfig<NT>::kMin
         // says all are done with stage st+s-1's slot, which now receives st+s+kStages-1.
         cp_async_wait<kStages - 2>();
         __syncthreads();
-        issue((s + kStages - 1) % kStages, st + s + kStages - 1);
-        const int64_t c0 = chunk_begin + (st + s) * kSpan;
-#pragma unroll
-        for (int j = 0; j < kSpan; ++j)
-          if (j == 0 || c0 + j < chunk_end) compute(s, j, c0 + j);
+        issue((s + kStages - 1) % kStages, chunk_begin + st + s + kStages - 1);
+        compute(s);
       }
     }
   }
@@ -299,9 +259,7 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
     if (filled > best + 1e-9) best = filled, splits = s;
     if (filled >= 0.9) break;
   }
-  // (whole ring stages per split)
-  const int64_t span = Config::kSpan;
-  const int64_t per_split = ((chunks + splits - 1) / splits + span - 1) / span * span;
+  const int64_t per_split = (chunks + splits - 1) / splits;
   splits = (chunks + per_split - 1) / per_split;
   const dim3 grid(unsigned((n + features_per_block - 1) / features_per_block), unsigned(splits),
                   unsigned((m + 8 * NT - 1) / (8 * NT)));

@@ -59,15 +59,15 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
   uint8_t* const warp_ring = ring + warp * kWarpStageBytes;
   constexpr int kStageStride = C::kWarps * int(kWarpStageBytes);
 
-  float sbuf[kStages][2][kSpan][2];  // [stage][row g / g + 8][chunk][h]
-  float gbuf[kStages][2][kSpan];     // nested: the group absmax (one per block pair)
+  // Scales ride a register ring beside the weights, as loaded (see load_chunk_scales).
+  uint32_t sraw[kStages][2][kSpan][2];  // [stage][row g / g + 8][chunk][h]
+  float sgroup[kStages][2][kSpan][2];
   // Two cursors walk the range (no 64-bit division per stage): the copies run kStages - 1 stages
   // ahead of the multiplies. Entering a tile recomputes the copy cursor's row pointers.
   int64_t issue_tile = begin / stages_per_tile, issue_c0 = (begin % stages_per_tile) * kSpan;
   const uint8_t* copy_src[4];  // this lane's 4 pieces, chunk 0
   int copy_dst[4];
-  const uint8_t* scale_row[2];  // rows g, g + 8: the row's first element
-  int64_t scale_elem[2];
+  int64_t scale_elem[2];  // rows g, g + 8: the row's first element index
   auto enter_issue_tile = [&]() {
     const int64_t row0 = issue_tile * C::kTileRows + warp * C::kRows;
 #pragma unroll
@@ -79,8 +79,6 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       scale_elem[r] = min(row0 + 8 * r + g, n - 1) * k;
-      scale_row[r] = kNested ? scales.nested_codes + (scale_elem[r] >> 6)
-                             : reinterpret_cast<const uint8_t*>(scales.absmax + (scale_elem[r] >> 6));
     }
   };
   enter_issue_tile();
@@ -96,39 +94,11 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
           cp_async16(warp_ring + slot * kStageStride + copy_dst[i], copy_src[i] + c0 * (kChunk / 2));
       }
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
+      for (int r = 0; r < 2; ++r)
 #pragma unroll
-        for (int j = 0; j < kSpan; ++j) {
-          const int64_t c = j == 0 || full ? c0 + j : c0;  // (a missing chunk re-reads the first)
-          if constexpr (kBlock64) {
-            if constexpr (kNested) {
-              const uint16_t pair = reinterpret_cast<const uint16_t*>(scale_row[r])[c];
-              sbuf[slot][r][j][0] = float(pair & 0xff), sbuf[slot][r][j][1] = float(pair >> 8);
-              // (the block pair never straddles a nested group: groups start at even blocks)
-              const int64_t block = (scale_elem[r] >> 6) + 2 * c;
-              gbuf[slot][r][j] =
-                  scales.absmax[nested_log2 >= 0 ? block >> nested_log2 : block / scales.nested_blocksize];
-            } else {
-              const float2 pair = reinterpret_cast<const float2*>(scale_row[r])[c];
-              sbuf[slot][r][j][0] = pair.x, sbuf[slot][r][j][1] = pair.y;
-            }
-          } else {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const int64_t block = (scale_elem[r] + c * kChunk + 64 * h + 16 * t) >> blocksize_log2;
-              if constexpr (kNested) {
-                // (any blocksize: the group may differ per h; finish the scale here, one load deep)
-                sbuf[slot][r][j][h] = __fadd_rn(
-                    mul_ftz(scales.nested_code[scales.nested_codes[block]],
-                            scales.absmax[nested_log2 >= 0 ? block >> nested_log2 : block / scales.nested_blocksize]),
-                    nested_offset);
-              } else {
-                sbuf[slot][r][j][h] = scales.absmax[block];
-              }
-            }
-          }
-        }
-      }
+        for (int j = 0; j < kSpan; ++j)  // (a chunk past the row's end re-reads the last one)
+          load_chunk_scales<kBlock64, kNested>(scales, scale_elem[r], min(c0 + j, chunks - 1), t, blocksize_log2,
+                                               nested_log2, sraw[slot][r][j], sgroup[slot][r][j]);
       ++issued;
       issue_c0 += kSpan;
       if (issue_c0 >= chunks && issued < end) {
@@ -172,10 +142,9 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
           const int byte = j * (kChunk / 2) + 32 * h + 8 * t;
           words[r] = *reinterpret_cast<const uint2*>(stage + ring_piece_offset<kRowBytes>(8 * r + g, byte / 16) +
                                                      byte % 16);
-          const float s = kNested && kBlock64
-                              ? nested_scale(nested_code, sbuf[slot][r][j][h], gbuf[slot][r][j], nested_offset)
-                              : sbuf[slot][r][j][h];
-          sc[r] = row0 + 8 * r + g < n ? s : 0.0f;
+          sc[r] = row0 + 8 * r + g < n ? finish_scale<kBlock64, kNested>(sraw[slot][r][j], sgroup[slot][r][j], h,
+                                                                         nested_code, nested_offset)
+                                       : 0.0f;
           sc_pair[r] = Pair<T>::of(sc[r], sc[r]);
         }
         float part[NT][4];

@@ -137,9 +137,56 @@ __device__ __forceinline__ int ring_piece_offset(int row, int piece) {
 }
 
 // A nested block's scale: an fp32 multiply then an fp32 add, as bitsandbytes computes it.
-__device__ __forceinline__ float nested_scale(const float* nested_code, float code, float group_absmax,
+__device__ __forceinline__ float nested_scale(const float* nested_code, uint32_t code, float group_absmax,
                                               float nested_offset) {
-  return __fadd_rn(mul_ftz(nested_code[int(code)], group_absmax), nested_offset);
+  return __fadd_rn(mul_ftz(nested_code[code], group_absmax), nested_offset);
+}
+
+// One weight row's scales for 128-column chunk c (the lane's columns 64h + 16t + [0, 16) of it), as
+// loaded: raw[h] holds the fp32 absmax bits of half h, or with nested statistics its 8-bit code
+// (kBlock64: both codes in raw[0]) and group[h] the code's group absmax (kBlock64: group[0]). No
+// instruction here reads a loaded value, so the loads never stall the code that issues them;
+// finish_scale() completes a scale where it is used. row_elem: the row's first element index.
+template <bool kBlock64, bool kNested>
+__device__ __forceinline__ void load_chunk_scales(const fp4_scales& s, int64_t row_elem, int64_t c, int t,
+                                                  int blocksize_log2, int nested_log2, uint32_t (&raw)[2],
+                                                  float (&group)[2]) {
+  auto group_of = [&](int64_t block) {
+    return s.absmax[nested_log2 >= 0 ? block >> nested_log2 : block / s.nested_blocksize];
+  };
+  if constexpr (kBlock64) {
+    // Blocks 2c and 2c + 1 of the row: the index is even (k % 128 == 0), so the pair is aligned and
+    // never straddles a nested group (groups start at even blocks).
+    const int64_t block = (row_elem >> 6) + 2 * c;
+    if constexpr (kNested) {
+      raw[0] = *reinterpret_cast<const uint16_t*>(s.nested_codes + block);
+      group[0] = group_of(block);
+    } else {
+      const uint2 pair = *reinterpret_cast<const uint2*>(s.absmax + block);
+      raw[0] = pair.x, raw[1] = pair.y;
+    }
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t block = (row_elem + c * kChunk + 64 * h + 16 * t) >> blocksize_log2;
+      if constexpr (kNested) {
+        raw[h] = s.nested_codes[block];
+        group[h] = group_of(block);
+      } else {
+        raw[h] = __float_as_uint(s.absmax[block]);
+      }
+    }
+  }
+}
+template <bool kBlock64, bool kNested>
+__device__ __forceinline__ float finish_scale(const uint32_t (&raw)[2], const float (&group)[2], int h,
+                                              const float* nested_code, float nested_offset) {
+  if constexpr (!kNested)
+    return __uint_as_float(raw[h]);
+  else if constexpr (kBlock64)
+    return nested_scale(nested_code, (raw[0] >> (8 * h)) & 0xffu, group[0], nested_offset);
+  else
+    return nested_scale(nested_code, raw[h], group[h], nested_offset);
 }
 
 // Nested statistics group blocks by nested_blocksize (256 in bitsandbytes): kernels shift by this
