@@ -158,3 +158,12 @@ def test_binding_rejects_mixed_devices():
 def test_set_num_threads_rejects_zero():
     with pytest.raises(ValueError, match="num_threads: expected >= 1"):
         _C.set_num_threads(0)
+
+
+def test_forced_kernel_must_be_known():
+    import fp4.ops as ops
+
+    packed, state = F.quantize_4bit(torch.randn(32, 128))
+    args = ops.KernelArgs.of_state(packed, state)
+    with pytest.raises(ValueError, match="kernel: expected one of"):
+        ops.linear_4bit_prepared(torch.randn(2, 128), args, kernel="tensor_core")

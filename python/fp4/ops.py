@@ -121,6 +121,8 @@ def linear_4bit_prepared(x: torch.Tensor, args: KernelArgs, bias: Optional[torch
     """linear_4bit with the weight's arguments prepared by KernelArgs (what FP4Linear caches).
     `out`, when given, is a contiguous tensor of the result's shape and dtype to write into.
     `kernel` forces one of KERNELS (for benchmarks); by default choose_kernel decides."""
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"kernel: expected one of {KERNELS} or None, got {kernel!r}")
     out_features, in_features = args.out_features, args.in_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
