@@ -95,7 +95,7 @@ elseif(DEFINED CMAKE_CUDA_ARCHITECTURES AND NOT CMAKE_CUDA_ARCHITECTURES STREQUA
     endif()
   endforeach()
 else()
-  set(CMAKE_CUDA_ARCHITECTURES "80-real;86-real;89-real;90-real;90-virtual")
+  set(CMAKE_CUDA_ARCHITECTURES "80-real;86-real;89-real;90a-real;90-virtual")
   set(_fp4_arch_source "default list")
 endif()
 

@@ -246,19 +246,9 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
   const int64_t features_per_block = 16 * Config::kMT * Config::kWarps;
   const int64_t tiles = ((n + features_per_block - 1) / features_per_block) * ((m + 8 * NT - 1) / (8 * NT));
   const int64_t chunks = k / kChunk;
-  // Split k so the grid fills whole waves of resident blocks: the smallest split count whose last
-  // wave is >= 90% full (measured: a 1.7-wave grid cost 30% at batch 16), each split keeping >= 4
-  // chunks (512 columns) of work.
   const int64_t capacity =
       int64_t(resident_blocks<T, NT, kBlock64, kNested>(exec.device_index)) * sm_count(exec.device_index);
-  int64_t splits = 1;
-  double best = 0.0;
-  for (int64_t s = 1; s <= std::max<int64_t>(1, std::min<int64_t>(16, chunks / 4)); ++s) {
-    const int64_t blocks = tiles * s;
-    const double filled = double(blocks) / double(((blocks + capacity - 1) / capacity) * capacity);
-    if (filled > best + 1e-9) best = filled, splits = s;
-    if (filled >= 0.9) break;
-  }
+  int64_t splits = wave_filling_splits(tiles, chunks, capacity, 4);  // splits of >= 512 columns
   const int64_t per_split = (chunks + splits - 1) / splits;
   splits = (chunks + per_split - 1) / per_split;
   const dim3 grid(unsigned((n + features_per_block - 1) / features_per_block), unsigned(splits),
@@ -289,6 +279,8 @@ void gemm_4bit(const fp4_exec& exec, fp4_quant_type type, const void* x, fp4_dty
   const Code16 code = code16_of(type);
   float* ws = static_cast<float*>(workspace);
   if (m <= 16) return gemm_4bit_stream(exec, code, dtype, x, m, k, packed, scales, n, blocksize, bias, y, ws);
+  if (gemm_4bit_wgmma_available(exec.device_index) && gemm_4bit_wgmma_supports(n, k, blocksize, scales))
+    return gemm_4bit_wgmma(exec, code, dtype, x, m, k, packed, scales, n, blocksize, bias, y, ws);
   const int log2 = log2_of(blocksize);
   // (batches past 64 take the wide tile; grid.z covers them)
   dispatch_variant<4, 8>(dtype, m, 32, scales, blocksize, [&](auto* tag, auto nt, auto nested, auto paired) {

@@ -42,6 +42,10 @@ void gemm_4bit(const fp4_exec& exec, fp4_quant_type type, const void* x, fp4_dty
                const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
                void* y, void* workspace);
 
+// Whether gemm_4bit can run its Hopper warpgroup-MMA kernel on this device (an sm_90 GPU and a
+// library built for sm_90a).
+bool gemm_4bit_wgmma_available(int device_index);
+
 void compress_absmax(const fp4_exec& exec, const float* absmax, int64_t num_blocks, const float* code,
                      int64_t nested_blocksize, float* offset, bool offset_is_input, uint8_t* codes_out,
                      float* absmax2_out);

@@ -18,6 +18,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <atomic>
 #include <type_traits>
 
@@ -83,6 +84,10 @@ __device__ __forceinline__ int x_unit(int row, int unit) { return unit ^ (row & 
 __device__ __forceinline__ void cp_async16(void* smem, const void* global) {
   const unsigned dst = unsigned(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global));
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* global) {
+  const unsigned dst = unsigned(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(global));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N>
@@ -256,9 +261,31 @@ inline int sm_count(int device) {
   return cached[device].load();
 }
 
+// How many ways to split k so a grid of `tiles` blocks x splits fills whole waves of `capacity`
+// resident blocks: the smallest count whose last wave is >= 90% full (measured: a 1.7-wave grid
+// cost 30% at batch 16), at most 16, each split keeping >= min_stages of the `stages` k stages.
+inline int64_t wave_filling_splits(int64_t tiles, int64_t stages, int64_t capacity, int64_t min_stages) {
+  int64_t splits = 1;
+  double best = 0.0;
+  for (int64_t s = 1; s <= std::max<int64_t>(1, std::min<int64_t>(16, stages / min_stages)); ++s) {
+    const int64_t blocks = tiles * s;
+    const double filled = double(blocks) / double(((blocks + capacity - 1) / capacity) * capacity);
+    if (filled > best + 1e-9) best = filled, splits = s;
+    if (filled >= 0.9) break;
+  }
+  return splits;
+}
+
 // The small-batch kernel (gemm_stream.cu): m <= 16, fp16/bf16, k % 128 == 0.
 void gemm_4bit_stream(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m, int64_t k,
                       const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
                       void* y, float* workspace);
+
+// The Hopper kernel (gemm_wgmma.cu): batch > 16 where gemm_4bit_wgmma_available(device)
+// (kernels.hpp) and gemm_4bit_wgmma_supports(n, k, blocksize, scales).
+bool gemm_4bit_wgmma_supports(int64_t n, int64_t k, int64_t blocksize, const fp4_scales& scales);
+void gemm_4bit_wgmma(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m, int64_t k,
+                     const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
+                     void* y, float* workspace);
 
 }  // namespace fp4::cuda

@@ -39,6 +39,40 @@ def test_tensor_core_gemm_matches_reference(dtype, batch, quant_type, double_qua
     _check(layer, torch.randn(batch, 640, device="cuda", dtype=dtype), "gemm")
 
 
+WGMMA = HAS_CUDA and ops.gemm_uses_wgmma(0)
+
+
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [17, 40, 64, 65, 130, 300])
+@pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", False, 64), ("fp4", True, 64),
+                                                               ("nf4", True, 128), ("fp4", False, 1024)])
+def test_wgmma_gemm_matches_reference(dtype, batch, quant_type, double_quant, blocksize):
+    """The Hopper kernel (batch > 16, in_features % 256 == 0): both tile shapes, partial batch and
+    feature tiles (400 = 3 x 128 + 16), 5 k stages of 256 / 20 of 64, k split across blocks."""
+    layer = _layer(400, 1280, dtype, quant_type, double_quant, blocksize)
+    _check(layer, torch.randn(batch, 1280, device="cuda", dtype=dtype), "gemm")
+
+
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+def test_wgmma_gemm_long_rows_and_many_tiles():
+    for out_features, in_features, batch in ((128, 14336, 33), (4224, 512, 200), (256, 8192, 1030)):
+        layer = _layer(out_features, in_features, torch.bfloat16)
+        _check(layer, torch.randn(batch, in_features, device="cuda", dtype=torch.bfloat16), "gemm")
+
+
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+def test_wgmma_nested_codes_it_cannot_read_whole_go_elsewhere():
+    """Nested codes ride the pipeline as aligned 4-byte words; 125 blocks (not a multiple of 4)
+    take the tiled kernel instead, and the dispatch says so."""
+    layer = _layer(100, 1280, torch.float16, "nf4", True, 1024)
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    assert args.nested["nested_codes"].numel() == 125 and not ops.wgmma_supports(args)
+    x = torch.randn(96, 1280, device="cuda", dtype=torch.float16)
+    assert ops.choose_kernel(x, args, 96) == "dequantize_matmul"
+    _check(layer, x, "gemm")
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_shapes_every_kernel(seed):
     g = torch.Generator().manual_seed(seed)
@@ -112,7 +146,12 @@ def test_dispatch_thresholds():
     x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
     assert ops.choose_kernel(x, args, 1) == "gemv"
     assert ops.choose_kernel(x, args, ops.CUDA_GEMV_MAX_BATCH + 1) == "gemm"
-    assert ops.choose_kernel(x, args, ops.CUDA_GEMM_MAX_BATCH + 1) == "dequantize_matmul"
+    # Past 64 rows only the Hopper kernel beats dequantize + cuBLAS (in_features % 256 == 0).
+    assert ops.choose_kernel(x, args, ops.CUDA_GEMM_MAX_BATCH + 1) == ("gemm" if WGMMA else "dequantize_matmul")
+    assert ops.choose_kernel(x, args, ops.CUDA_WGMMA_MAX_BATCH) == ("gemm" if WGMMA else "dequantize_matmul")
+    assert ops.choose_kernel(x, args, ops.CUDA_WGMMA_MAX_BATCH + 1) == "dequantize_matmul"
+    odd = ops.KernelArgs(args.codes, args.scales, "nf4", 64, (128, 384))
+    assert ops.choose_kernel(x, odd, ops.CUDA_GEMM_MAX_BATCH + 1) == "dequantize_matmul"
     assert ops.choose_kernel(x.float(), args, 5) == "gemv"  # float32: no tensor-core path
     assert ops.choose_kernel(x.float(), args, 16) == "dequantize_matmul"
     # Large weights take the GEMM from batch 1 (its fixed cost is small next to the weight read).

@@ -244,6 +244,19 @@ fp4_status fp4_gemm_4bit(const fp4_exec* exec, fp4_quant_type quant_type, const 
   });
 }
 
+int fp4_gemm_4bit_uses_wgmma(int device_index) {
+#ifdef FP4_WITH_CUDA
+  try {
+    return device_index >= 0 && device_index < cuda::device_count() && cuda::gemm_4bit_wgmma_available(device_index);
+  } catch (...) {
+    return 0;
+  }
+#else
+  (void)device_index;
+  return 0;
+#endif
+}
+
 fp4_status fp4_compress_absmax(const fp4_exec* exec, const float* absmax, int64_t num_blocks, const float* code,
                                int64_t nested_blocksize, float* offset, int offset_is_input, uint8_t* codes_out,
                                float* absmax2_out) {

@@ -3,6 +3,7 @@ serves which batch."""
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -14,17 +15,22 @@ from .quant_state import QuantState
 # Which CUDA kernel serves which batch (fp16/bf16 activations, in_features % 128 == 0 and aligned
 # buffers; otherwise the GEMV up to its largest batch, then dequantize + cuBLAS):
 #   m <= 2 with fewer weights than CUDA_GEMV_MAX_WEIGHTS[m]   the fused GEMV (warp per output feature)
-#   m <= CUDA_GEMM_MAX_BATCH      the fused tensor-core GEMM (stream-K kernel to 16, tiled to 64)
+#   m <= CUDA_GEMM_MAX_BATCH      the fused tensor-core GEMM (stream-K kernel to 16; above, the Hopper
+#                                 wgmma kernel where gemm_uses_wgmma, else the tiled mma.sync one)
+#   m <= CUDA_WGMMA_MAX_BATCH     the same GEMM where it runs wgmma (in_features % 256 == 0)
 #   larger                        dequantize into a temporary, then cuBLAS
 # Measured on the H100 (`python -m fp4 bench --kernels`, bf16 nf4, CUDA graphs, weights beyond L2),
 # us for GEMV / GEMM / dequantize+cuBLAS: (28672, 8192) batch 1: 73.0 / 64.8 / 409, batch 4:
-# 150 / 66.4 / 410, batch 64: - / 172 / 412; (8192, 8192) batch 1: 25.1 / 25.6, batch 2: 31.6 /
-# 26.0; (4096, 14336) batch 1: 22.1 / 23.9, batch 2: 28.8 / 24.5; (4096, 4096) batch 1: 9.6 / 12.2,
-# batch 2: 10.9 / 12.0 (the GEMM's fixed cost, ~3 us of workspace clear and finish, decides small
-# weights). docs/perf-log.md has the history.
+# 150 / 66.4 / 410, batch 64: - / 121 / 412, batch 256: - / 337 / 431, batch 384: - / 510 / 493;
+# (8192, 8192) batch 1: 25.1 / 25.6, batch 2: 31.6 / 26.0; (4096, 14336) batch 1: 22.1 / 23.9,
+# batch 2: 28.8 / 24.5, batch 256: - / 89 / 131, batch 512: - / 162 / 150; (14336, 4096) batch 256:
+# - / 89 / 124, batch 384: - / 177 / 138; (4096, 4096) batch 1: 9.6 / 12.2, batch 2: 10.9 / 12.0
+# (the GEMM's fixed cost, ~3 us of workspace clear and finish, decides small weights).
+# docs/perf-log.md has the history.
 CUDA_GEMV_MAX_WEIGHTS = {1: 1 << 27, 2: 1 << 25}
 CUDA_GEMV_MAX_BATCH = max(CUDA_GEMV_MAX_WEIGHTS)
 CUDA_GEMM_MAX_BATCH = 64
+CUDA_WGMMA_MAX_BATCH = 256
 GEMV_KERNEL_MAX_BATCH = _C.gemv_max_batch()  # the largest batch the GEMV kernel takes
 KERNELS = ("gemv", "gemm", "dequantize_matmul")
 
@@ -106,9 +112,27 @@ def choose_kernel(x: torch.Tensor, args: KernelArgs, m: int) -> str:
     if m <= CUDA_GEMV_MAX_BATCH and (not gemm or args.out_features * args.in_features < CUDA_GEMV_MAX_WEIGHTS[m]):
         return "gemv"
     if gemm:
-        return "gemm" if m <= CUDA_GEMM_MAX_BATCH else "dequantize_matmul"
+        if m <= CUDA_GEMM_MAX_BATCH or (m <= CUDA_WGMMA_MAX_BATCH and gemm_uses_wgmma(x.device.index or 0)
+                                         and wgmma_supports(args)):
+            return "gemm"
+        return "dequantize_matmul"
     # float32 activations or unaligned shapes: the GEMV still beats a dense copy up to its limit.
     return "gemv" if m <= GEMV_KERNEL_MAX_BATCH else "dequantize_matmul"
+
+
+@functools.lru_cache(maxsize=None)
+def gemm_uses_wgmma(device_index: int) -> bool:
+    """Whether the GEMM runs Hopper warpgroup MMA on this CUDA device (then it wins at every batch)."""
+    return _C.gemm_4bit_uses_wgmma(device_index)
+
+
+def wgmma_supports(args: KernelArgs) -> bool:
+    """The Hopper GEMM's own limits (mirrors gemm_4bit_wgmma_supports in cuda/gemm_wgmma.cu): whole
+    256-column stages, blocks of >= 64, nested codes readable as aligned 4-byte words."""
+    if args.in_features % 256 or args.blocksize < 64:
+        return False
+    codes = args.nested.get("nested_codes")
+    return codes is None or (codes.data_ptr() % 4 == 0 and codes.numel() % 4 == 0)
 
 
 def gemm_supports(x: torch.Tensor, args: KernelArgs) -> bool:

@@ -414,6 +414,9 @@ NB_MODULE(_C, m) {
         nb::arg("nested_code") = nb::none(), nb::arg("nested_offset") = nb::none(),
         nb::arg("nested_blocksize") = 256, "Dequantize `packed` into `out` (its dtype and size decide the result).");
   m.def("gemv_max_batch", &fp4_gemv_max_batch, "Largest batch the CUDA GEMV serves (0 without CUDA).");
+  m.def("gemm_4bit_uses_wgmma", [](int device_index) { return fp4_gemm_4bit_uses_wgmma(device_index) != 0; },
+        nb::arg("device_index"),
+        "Whether the tensor-core GEMM runs Hopper warpgroup MMA for batches > 16 on this CUDA device.");
   m.def("linear_4bit", &linear_4bit, nb::arg("x"), nb::arg("packed"), nb::arg("absmax"), nb::arg("bias").none(),
         nb::arg("y"), nb::arg("quant_type"), nb::arg("blocksize"), nb::arg("stream") = 0,
         nb::arg("nested_codes") = nb::none(), nb::arg("nested_code") = nb::none(),

@@ -127,6 +127,11 @@ FP4_API fp4_status fp4_gemm_4bit(const fp4_exec* exec, fp4_quant_type quant_type
                                  int64_t blocksize, const void* bias, void* y, void* workspace,
                                  size_t workspace_bytes);
 
+/* 1 when fp4_gemm_4bit multiplies batches > 16 with Hopper warpgroup MMA on CUDA device
+ * `device_index` (an sm_90 GPU, a library built for sm_90a: see fp4_cuda_archs) for k % 256 == 0 and
+ * blocksize >= 64; it then beats dequantize + dense GEMM at every batch. 0 otherwise. */
+FP4_API int fp4_gemm_4bit_uses_wgmma(int device_index);
+
 /* ---- nested statistics ("double quant") ------------------------------------------------------- */
 /* Compress num_blocks fp32 absmax values: offset = mean(absmax); (absmax - offset) is quantized
  * 8-bit blockwise (nested_blocksize, 256 in bitsandbytes) with the 256-entry `code`, exactly as

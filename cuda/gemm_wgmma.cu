@@ -1,0 +1,431 @@
+// The 4-bit linear layer on Hopper warpgroup MMA (sm_90a) for batch 17-256, read straight from the
+// bitsandbytes layout. As in mma_4bit.cuh the product is computed transposed, y^T = W x^T: the
+// decoded weight is wgmma's A operand, taken from registers, and the activations its B operand,
+// taken from shared memory (wgmma.cuh). Unlike the mma.sync kernels the k order is the natural one:
+// the activations reach shared memory as 16-byte copies in wgmma's 128-byte swizzle, and each lane
+// picks its fragment's bytes out of the weight words with a byte permute.
+//
+// A block covers 256 output features x BN batch rows, one block per SM. Each stage is kAtoms
+// 64-column slices of k (one swizzle atom of activations each); every warp streams its weight rows
+// and their scales through a private cp.async ring, the block's activations ride a shared ring,
+// one barrier per stage. A multiply group is one m64 tile x one slice: its A fragments are decoded
+// while the previous group runs on the tensor cores (fragments double-buffered). Two shapes:
+//   batch 17-64 (BN 64): memory- and decode-bound: 16 warps of one m64 tile each, stages of 128
+//     columns (64 bytes per weight row), 4 stages in flight;
+//   batch 65-256 (BN 128): compute-bound: 8 warps of two m64 tiles (the activation tile is read
+//     from L2 once per 256 features), stages of 64 columns whose multiplies overlap the next decode.
+// k is split across blockIdx.z only to give most SMs a block; split partial sums meet in the fp32
+// workspace like the other GEMM kernels. Measurements: docs/perf-log.md.
+#include "build_config.h"
+#include "kernels.hpp"
+#include "mma_4bit.cuh"
+#include "wgmma.cuh"
+
+#include <cstring>
+#include <type_traits>
+
+namespace fp4::cuda {
+namespace {
+
+constexpr int kAtomK = 64;  // k columns per swizzle atom of activations (128 bytes of 16-bit values)
+
+template <int BN>
+struct WgmmaConfig {
+  // Batch <= 64: 4 warpgroups of one m64 tile (more warps to hide the decode's latencies, 128
+  // registers each); above: 2 warpgroups of two m64 tiles (the accumulators need the registers).
+  static constexpr int kWarps = BN <= 64 ? 16 : 8, kThreads = kWarps * 32;
+  static constexpr int kMT = BN <= 64 ? 1 : 2;            // m64 tiles per warpgroup
+  static constexpr int kWarpRows = 16 * kMT;              // weight rows per warp
+  static constexpr int kTileRows = kWarpRows * kWarps;    // output features per block: 256
+  static constexpr int kAtoms = BN <= 64 ? 2 : 1;         // 64-column slices per stage
+  static constexpr int kStages = BN <= 64 ? 5 : 6;
+  // Stages between the one being multiplied and the one whose slot is refilled: 1 drains the
+  // multiplies at each stage boundary (fine when a stage has several slices), 2 keeps them going.
+  static constexpr int kLag = kAtoms > 1 ? 1 : 2;
+  static constexpr int kAhead = kStages - kLag;           // stages requested ahead of the multiply
+  static constexpr int kStageK = kAtoms * kAtomK;
+  static constexpr int kRowBytes = kStageK / 2;           // bytes of a weight row per stage
+  static constexpr int kPieces = kRowBytes / 16;          // 16-byte pieces of it
+  static constexpr size_t kWarpStageBytes = size_t(kWarpRows) * kRowBytes;
+  static constexpr size_t kXStageBytes = size_t(BN) * 2 * kStageK;
+  static constexpr size_t kXRingBytes = kStages * kXStageBytes;
+  static constexpr size_t kWRingBytes = kStages * kWarps * kWarpStageBytes;
+  // Per stage, row and slice: the scale as loaded (fp32 bits, or the aligned word holding the
+  // nested code) and the nested group's absmax.
+  static constexpr size_t kWarpScaleBytes = size_t(kWarpRows) * kAtoms * 2 * sizeof(uint32_t);
+  static constexpr size_t kSRingBytes = kStages * kWarps * kWarpScaleBytes;
+  static constexpr size_t kTableBytes = 256 * 128;
+  // (+1024: the activation ring is aligned to 1024 bytes by hand)
+  static constexpr size_t kSmemBytes = 1024 + kXRingBytes + kWRingBytes + kSRingBytes + kTableBytes + kCodeBytes;
+  static_assert((kAtoms * kMT) % 2 == 0, "a stage holds an even number of groups (the fragment buffer parity)");
+  static_assert(kSmemBytes <= 227 * 1024, "one block per SM");
+};
+
+// Piece p of weight row r (of a warp's rows, kPieces pieces each) in a ring stage: swizzled so the
+// rows g = 0..7 that one 16-byte load reads fall in 8 different bank groups.
+template <int kPieces>
+__device__ __forceinline__ int weight_piece_offset(int row, int piece) {
+  constexpr int kRowsPerLine = 8 / kPieces;  // rows per 128 bytes
+  return row * kPieces * 16 + ((piece ^ ((row / kRowsPerLine) % kPieces)) << 4);
+}
+
+// Keeps A-fragment registers allocated until this point: a wgmma reads them asynchronously, so they
+// must not be reused before the wait that retires it (placed after that wait).
+__device__ __forceinline__ void keep(const uint32_t (&a)[4][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) asm volatile("" ::"r"(a[j][0]), "r"(a[j][1]), "r"(a[j][2]), "r"(a[j][3]));
+}
+
+template <typename T, int BN, bool kNested>
+__global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
+    gemm_wgmma_kernel(const T* __restrict__ x, int64_t m, int64_t k, const uint8_t* __restrict__ packed,
+                      fp4_scales scales, int nested_log2, int64_t n, int blocksize_log2, Code16 code,
+                      int64_t stages_per_split, const T* __restrict__ bias, T* __restrict__ y,
+                      float* __restrict__ partial) {
+  using C = WgmmaConfig<BN>;
+  constexpr int kAtoms = C::kAtoms, kStages = C::kStages, kAhead = C::kAhead, kPieces = C::kPieces;
+  constexpr int MT = C::kMT;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  // (an offset from smem_raw, not an integer cast, keeps the pointers in the shared address space)
+  uint8_t* const xring = smem_raw + ((1024 - (uint32_t(__cvta_generic_to_shared(smem_raw)) & 1023)) & 1023);
+  uint8_t* const wring = xring + C::kXRingBytes;  // [stage][warp][kWarpRows rows][kRowBytes]
+  uint8_t* const sring = wring + C::kWRingBytes;  // [stage][warp][2][kWarpRows rows][kAtoms]
+  uint8_t* const table = sring + C::kSRingBytes;
+  float* const codes = reinterpret_cast<float*>(table + C::kTableBytes);
+  float* const nested_code = codes + 16;
+  build_pair_table<T, 128, kNested>(table, codes, code, scales);
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = lane / 4, t = lane % 4;
+  // A byte's table offset (byte * 128 + lane * 4) is (byte * 256 + lane * 8) >> 1, the permute
+  // placing byte t of a word beside lane * 8.
+  const uint32_t pair_select = 0x5504u | (uint32_t(t) << 4);
+  const uint32_t lane_x8 = uint32_t(lane) * 8;
+  const int64_t batch0 = int64_t(blockIdx.x) * BN;
+  // Warp w covers rows 16 (w % 4) + [0, 16) of the block's m64 tiles MT (w / 4) + [0, MT).
+  const int64_t tile_row0 = int64_t(blockIdx.y) * C::kTileRows + (warp / 4) * 64 * MT + (warp % 4) * 16;
+  const int64_t total_stages = k / C::kStageK;
+  const int64_t stage_begin = int64_t(blockIdx.z) * stages_per_split;
+  const int64_t stage_end = min(total_stages, stage_begin + stages_per_split);
+  if (stage_begin >= stage_end) return;  // (block-uniform)
+  const int64_t stages = stage_end - stage_begin;
+  const int rows = int(m - batch0 < BN ? m - batch0 : BN);  // real activation rows of this tile
+  const float nested_offset = kNested ? *scales.nested_offset : 0.0f;
+
+  // Activation rows past m stay zero in every slot (no copy ever writes them).
+  for (int i = threadIdx.x; i < (BN - rows) * kStages * kAtoms * 8; i += C::kThreads) {
+    const int unit = i % 8, rest = i / 8, row = rows + rest % (BN - rows), tile = rest / (BN - rows);
+    *reinterpret_cast<uint4*>(xring + tile * (BN * 128) + wgmma::sw128_offset(row, unit)) = make_uint4(0, 0, 0, 0);
+  }
+
+  // This lane's weight rows: g and g + 8 of the warp's 16 in each m64 tile (rows past n read row
+  // n - 1 and get scale 0).
+  int64_t row_elem[MT][2];
+  bool row_valid[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int64_t f = tile_row0 + 64 * mt + 8 * r + g;
+      row_valid[mt][r] = f < n;
+      row_elem[mt][r] = (row_valid[mt][r] ? f : n - 1) * k;
+    }
+  // The lane's weight copies: warp row 16 mt + i of the ring is feature tile_row0 + 64 mt + i.
+  constexpr int kCopies = C::kWarpRows * kPieces / 32;
+  const uint8_t* copy_src[kCopies];
+  int copy_dst[kCopies];
+#pragma unroll
+  for (int i = 0; i < kCopies; ++i) {
+    const int p = i * 32 + lane, row = p / kPieces, piece = p % kPieces;
+    const int64_t f = tile_row0 + 64 * (row / 16) + row % 16;
+    copy_src[i] = packed + min(f, n - 1) * (k / 2) + piece * 16;
+    copy_dst[i] = weight_piece_offset<kPieces>(row, piece);
+  }
+  uint8_t* const warp_ring = wring + warp * C::kWarpStageBytes;
+  constexpr int kWStageStride = C::kWarps * int(C::kWarpStageBytes);
+  uint32_t* const warp_scales = reinterpret_cast<uint32_t*>(sring + warp * C::kWarpScaleBytes);
+  constexpr int kSStageStride = C::kWarps * int(C::kWarpScaleBytes) / 4;  // (in words)
+  constexpr int kGroupOffset = C::kWarpRows * kAtoms;                     // nested group absmax words
+  // Lane l < kWarpRows copies the scales of warp row l (feature tile_row0 + 64 (l / 16) + l % 16).
+  const int64_t scale_row_elem = min(tile_row0 + 64 * (lane / 16) + lane % 16, n - 1) * k;
+
+  // The activation copies: each pass moves 32 rows x 128 bytes, thread i unit i % 8 of row i / 8.
+  constexpr int kXRowsPerPass = C::kThreads / 8;
+  constexpr int kXPasses = BN * kAtoms / kXRowsPerPass;
+  const int x_row = threadIdx.x / 8, x_unit8 = threadIdx.x % 8;
+  const int x_dst = wgmma::sw128_offset(x_row, x_unit8);  // (+ 128 per row: row0 keeps row % 8)
+  const T* const x_src = x + (batch0 + x_row) * k + x_unit8 * 8;
+
+  // Request stage st's weights, scales and activations into ring slot `slot`: one commit group per
+  // call, empty past the end. Scales ride the ring too: loads into registers this far ahead would
+  // cost too many of them, and any nearer ones wait out the queue of copies ahead of them.
+  auto issue = [&](int slot, int64_t st) {
+    if (st < stage_end) {
+#pragma unroll
+      for (int i = 0; i < kCopies; ++i)
+        cp_async16(warp_ring + slot * kWStageStride + copy_dst[i], copy_src[i] + st * C::kRowBytes);
+#pragma unroll
+      for (int a = 0; a < kAtoms; ++a) {
+        if (lane >= C::kWarpRows) break;
+        const int64_t block = (scale_row_elem + st * C::kStageK + a * kAtomK) >> blocksize_log2;
+        uint32_t* const dst = warp_scales + slot * kSStageStride + lane * kAtoms + a;
+        if constexpr (kNested) {
+          cp_async4(dst, scales.nested_codes + (block & ~int64_t(3)));  // (gemm_4bit_wgmma_supports)
+          cp_async4(dst + kGroupOffset,
+                    scales.absmax + (nested_log2 >= 0 ? block >> nested_log2 : block / scales.nested_blocksize));
+        } else {
+          cp_async4(dst, scales.absmax + block);
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < kXPasses; ++c) {  // pass c: rows 32 (c % kRowPasses) + threadIdx.x / 8 of slice c / kRowPasses
+        constexpr int kRowPasses = BN / kXRowsPerPass;
+        const int row0 = kXRowsPerPass * (c % kRowPasses), atom = c / kRowPasses;
+        if (row0 + x_row < rows)
+          cp_async16(xring + slot * C::kXStageBytes + atom * (BN * 128) + row0 * 128 + x_dst,
+                     x_src + row0 * k + st * C::kStageK + atom * kAtomK);
+      }
+    }
+    cp_async_commit();
+  };
+
+  float acc[MT][BN / 2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[mt][i] = 0.0f;
+  // A fragments, double-buffered by multiply group (one group: one m64 tile x one slice).
+  uint32_t frag[2][4][4];  // [buffer][k16 step][A register]
+
+  // Decode slice `a` of m64 tile `mt` of stage st (in `slot`) into frag[buf], then queue its 4
+  // multiplies as one group.
+  auto multiply = [&](int slot, int64_t st, int a, int mt, int buf) {
+    keep(frag[buf]);  // (the group that read them is retired: see the waits below)
+    const uint8_t* ws = warp_ring + slot * kWStageStride;
+    uint32_t words[2][8];  // rows g, g + 8 of the tile: the slice's 32 bytes
+    uint32_t scale_pair[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = 16 * mt + 8 * r + g;
+      const uint4 lo = *reinterpret_cast<const uint4*>(ws + weight_piece_offset<kPieces>(row, 2 * a));
+      const uint4 hi = *reinterpret_cast<const uint4*>(ws + weight_piece_offset<kPieces>(row, 2 * a + 1));
+      words[r][0] = lo.x, words[r][1] = lo.y, words[r][2] = lo.z, words[r][3] = lo.w;
+      words[r][4] = hi.x, words[r][5] = hi.y, words[r][6] = hi.z, words[r][7] = hi.w;
+      const uint32_t* const sc = warp_scales + slot * kSStageStride + row * kAtoms + a;
+      float scale = __uint_as_float(sc[0]);
+      if constexpr (kNested) {
+        const int64_t block = (row_elem[mt][r] + st * C::kStageK + a * kAtomK) >> blocksize_log2;
+        const uint32_t code = (sc[0] >> (8 * (block & 3))) & 0xffu;
+        scale = nested_scale(nested_code, code, __uint_as_float(sc[kGroupOffset]), nested_offset);
+      }
+      scale = row_valid[mt][r] ? scale : 0.0f;
+      scale_pair[r] = Pair<T>::of(scale, scale);
+    }
+    // Step j: word 2j holds columns 16j + [0, 8) of the row (byte t: 16j + 2t, + 1 -> A register
+    // 0 / 1 for row g / g + 8), word 2j + 1 columns 16j + 8 + [0, 8) (-> register 2 / 3).
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const uint32_t offset = __byte_perm(words[r][2 * j + half], lane_x8, pair_select) >> 1;
+          frag[buf][j][r + 2 * half] = Pair<T>::mul(load_pair(table, offset), scale_pair[r]);
+        }
+    const uint64_t desc = wgmma::smem_desc_sw128(xring + slot * C::kXStageBytes + a * (BN * 128));
+    wgmma::fence();
+    wgmma::pin(acc[mt]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) wgmma::Mma<BN, kBf16>::run(acc[mt], frag[buf][j], desc + 2 * j);
+    wgmma::commit();
+    wgmma::pin(acc[mt]);
+  };
+  auto pin_all = [&]() {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) wgmma::pin(acc[mt]);
+  };
+
+#pragma unroll
+  for (int s = 0; s < kAhead; ++s) issue(s, stage_begin + s);
+  for (int64_t st = 0; st < stages; st += kStages) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      if (st + s < stages) {
+        // This thread's copies of stage st + s have landed; the multiplies that read the slot about
+        // to be refilled (stage st + s - kLag) are retired in this warp; the barrier extends both
+        // to the block.
+        cp_async_wait<kAhead - 1>();
+        wgmma::fence_proxy_async();
+        wgmma::wait<C::kLag - 1>();
+        pin_all();
+        __syncthreads();
+        issue((s + kAhead) % kStages, stage_begin + st + s + kAhead);
+#pragma unroll
+        for (int a = 0; a < kAtoms; ++a)
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            if (a + mt > 0) {  // retire all but the last group: the buffer about to be filled is free
+              wgmma::wait<1>();
+              pin_all();
+            }
+            multiply(s, stage_begin + st + s, a, mt, (a * MT + mt) % 2);
+          }
+      }
+    }
+  }
+  wgmma::wait<0>();
+  pin_all();
+  keep(frag[0]);
+  keep(frag[1]);
+
+  // acc[mt][4j + i]: feature tile_row0 + 64 mt + g + 8 (i / 2), batch row batch0 + 8j + 2t + i % 2.
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) {
+      const int64_t f = tile_row0 + 64 * mt + g + 8 * ((i / 2) % 2);
+      const int64_t b = batch0 + 8 * (i / 4) + 2 * t + i % 2;
+      if (f >= n || b >= m) continue;
+      if (partial != nullptr) {
+        atomicAdd(partial + b * n + f, acc[mt][i]);
+      } else {
+        const float bv = bias ? load_as_float(bias + f) : 0.0f;
+        y[b * n + f] = store_from_float<T>(acc[mt][i] + bv);
+      }
+    }
+}
+
+template <typename T, int BN, bool kNested>
+void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales,
+            int64_t n, int blocksize_log2, const Code16& code, const T* bias, T* y, float* workspace) {
+  using C = WgmmaConfig<BN>;
+  auto* kernel = gemm_wgmma_kernel<T, BN, kNested>;
+  constexpr size_t smem = C::kSmemBytes;
+  static std::atomic<bool> configured[64];
+  const int device = exec.device_index;
+  if (device < 0 || device >= 64 || !configured[device].load()) {
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+          "cudaFuncSetAttribute");
+    if (device >= 0 && device < 64) configured[device].store(true);
+  }
+  const int64_t tiles = ((m + BN - 1) / BN) * ((n + C::kTileRows - 1) / C::kTileRows);
+  const int64_t total_stages = k / C::kStageK;
+  // One block per SM. k is split only to give most SMs a block (>= 80% of them): measured on the
+  // H100 at batch 64, (28672, 8192) unsplit (112 blocks) 137 us vs 7 splits (99% of a wave) 162 us
+  // (the fp32 partial sums cost more than idle SMs); (4096, 14336) 7 splits 47 us vs 1: 256 us.
+  const int64_t capacity = sm_count(device);
+  int64_t splits = 1;
+  while (tiles * splits * 5 < capacity * 4 && total_stages / (splits + 1) >= 1024 / C::kStageK) ++splits;
+  const int64_t per_split = (total_stages + splits - 1) / splits;
+  const dim3 grid(unsigned((m + BN - 1) / BN), unsigned((n + C::kTileRows - 1) / C::kTileRows),
+                  unsigned((total_stages + per_split - 1) / per_split));
+  cudaStream_t stream = stream_of(exec);
+  float* partial = grid.z > 1 ? workspace : nullptr;
+  if (partial) check(cudaMemsetAsync(partial, 0, size_t(m * n) * sizeof(float), stream), "cudaMemsetAsync");
+  kernel<<<grid, C::kThreads, smem, stream>>>(x, m, k, packed, scales, nested_shift(scales), n, blocksize_log2, code,
+                                              per_split, bias, y, partial);
+  check_launch("gemm_4bit wgmma kernel");
+  if (partial) {
+    finish_kernel<T><<<grid_for(m * n, 256, 4096), 256, 0, stream>>>(partial, m, n, bias, y);
+    check_launch("gemm_4bit finish kernel");
+  }
+}
+
+// Whether FP4_CUDA_ARCHS (space-separated CMake architectures) has sm_90a code.
+bool built_for_sm90a() {
+  const char* archs = FP4_CUDA_ARCHS;
+  for (const char* at = std::strstr(archs, "90a"); at != nullptr; at = std::strstr(at + 1, "90a"))
+    if ((at == archs || at[-1] == ' ') && (at[3] == '\0' || at[3] == ' ' || at[3] == '-')) return true;
+  return false;
+}
+
+// Writes 1 where the code the runtime loaded for this device is sm_90a's.
+__global__ void wgmma_probe_kernel(int* has_wgmma) {
+#ifdef FP4_WGMMA_DEVICE
+  *has_wgmma = 1;
+#else
+  *has_wgmma = 0;
+#endif
+}
+
+// Whether the runtime runs sm_90a code on `device` (a library built for both sm_90 and sm_90a leaves
+// the choice to the driver): one probe launch, on a private stream with the capture mode relaxed
+// so that a first call inside a CUDA-graph capture does not break the capture.
+bool probe_sm90a() {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  check(cudaThreadExchangeStreamCaptureMode(&mode), "cudaThreadExchangeStreamCaptureMode");
+  int result = 0;
+  cudaStream_t stream = nullptr;
+  int* flag = nullptr;
+  cudaError_t status = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
+  if (status == cudaSuccess) status = cudaMallocAsync(reinterpret_cast<void**>(&flag), sizeof(int), stream);
+  if (status == cudaSuccess) {
+    wgmma_probe_kernel<<<1, 1, 0, stream>>>(flag);
+    status = cudaGetLastError();
+    if (status == cudaSuccess) status = cudaMemcpyAsync(&result, flag, sizeof(int), cudaMemcpyDeviceToHost, stream);
+    cudaFreeAsync(flag, stream);
+    if (status == cudaSuccess) status = cudaStreamSynchronize(stream);
+  }
+  if (stream != nullptr) cudaStreamDestroy(stream);
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  check(status, "the sm_90a probe");
+  return result == 1;
+}
+
+}  // namespace
+
+bool gemm_4bit_wgmma_available(int device_index) {
+  static const bool built = built_for_sm90a();
+  static std::atomic<int> cached[64];  // 0 unknown, 1 no, 2 yes (racing threads store the same value)
+  if (!built || device_index < 0 || device_index >= 64) return false;
+  if (cached[device_index].load() == 0) {
+    int major = 0, minor = 0;
+    check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_index), "cudaDeviceGetAttribute");
+    check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device_index), "cudaDeviceGetAttribute");
+    bool yes = major == 9 && minor == 0;
+    if (yes) {
+      DeviceGuard guard(device_index);
+      yes = probe_sm90a();
+    }
+    cached[device_index].store(yes ? 2 : 1);
+  }
+  return cached[device_index].load() == 2;
+}
+
+bool gemm_4bit_wgmma_supports(int64_t n, int64_t k, int64_t blocksize, const fp4_scales& scales) {
+  if (k % WgmmaConfig<64>::kStageK != 0 || k % WgmmaConfig<128>::kStageK != 0 || blocksize < kAtomK) return false;
+  if (scales.nested_codes == nullptr) return true;
+  // Nested codes are copied as the aligned 4-byte words that hold them: every such word must lie
+  // inside the array.
+  const int64_t blocks = (n * k + blocksize - 1) / blocksize;
+  return reinterpret_cast<uintptr_t>(scales.nested_codes) % 4 == 0 && blocks % 4 == 0;
+}
+
+void gemm_4bit_wgmma(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m, int64_t k,
+                     const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
+                     void* y, float* workspace) {
+  const int log2 = log2_of(blocksize);
+  auto run = [&](auto* tag, auto bn) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    constexpr int BN = decltype(bn)::value;
+    const T* xt = static_cast<const T*>(x);
+    const T* bt = static_cast<const T*>(bias);
+    if (scales.nested_codes != nullptr)
+      launch<T, BN, true>(exec, xt, m, k, packed, scales, n, log2, code, bt, static_cast<T*>(y), workspace);
+    else
+      launch<T, BN, false>(exec, xt, m, k, packed, scales, n, log2, code, bt, static_cast<T*>(y), workspace);
+  };
+  auto with_tile = [&](auto* tag) {
+    if (m <= 64)
+      run(tag, std::integral_constant<int, 64>());
+    else
+      run(tag, std::integral_constant<int, 128>());
+  };
+  if (dtype == FP4_FLOAT16)
+    with_tile(static_cast<__half*>(nullptr));
+  else
+    with_tile(static_cast<__nv_bfloat16*>(nullptr));
+}
+
+}  // namespace fp4::cuda
