@@ -47,6 +47,32 @@ def _generate(model, ids):
         return model.generate(ids, max_new_tokens=12, do_sample=False)
 
 
+def _reference(model, ids):
+    """Greedy tokens and, teacher-forced on them, the logits that chose each one."""
+    tokens = _generate(model, ids)
+    with torch.no_grad():
+        return tokens, model(tokens).logits.float()
+
+
+def _assert_generates_like(model, ids, reference):
+    """Greedy generation picks the reference's tokens, except where the reference itself was a
+    near-tie: there fp32 sums in another order may pick the other token (and the rest of that row
+    may differ). The logits themselves are compared elsewhere with assert_close."""
+    tokens, logits = reference
+    got = _generate(model, ids)
+    assert got.shape == tokens.shape
+    for row in range(tokens.shape[0]):
+        differ = (got[row] != tokens[row]).nonzero()
+        if len(differ) == 0:
+            continue
+        p = int(differ[0])
+        assert p >= ids.shape[1], "the prompt changed"
+        chose = logits[row, p - 1]
+        tie = 2 * (1e-3 + 1e-3 * chose.abs().max().item())  # twice assert_close's allowance per logit
+        assert chose.max().item() - chose[got[row, p]].item() <= tie, (
+            f"row {row}, token {p}: {int(got[row, p])} instead of {int(tokens[row, p])} without a near-tie")
+
+
 @pytest.mark.parametrize("quant_type", ["fp4", "nf4"])
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_bnb_model_converts_saves_and_reloads_with_the_same_tokens(llama_folder, tmp_path, device, quant_type,
@@ -54,7 +80,7 @@ def test_bnb_model_converts_saves_and_reloads_with_the_same_tokens(llama_folder,
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     model = _load_bnb(llama_folder, device, quant_type, double_quant, dtype)
     ids = torch.randint(0, 256, (2, 7), device=device)
-    expected = _generate(model, ids)
+    expected = _reference(model, ids)
     with torch.no_grad():
         expected_logits = model(ids).logits
 
@@ -63,22 +89,22 @@ def test_bnb_model_converts_saves_and_reloads_with_the_same_tokens(llama_folder,
     assert not any(type(m).__name__ == "Linear4bit" for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected_logits, rtol=1e-3, atol=1e-3)
-    assert torch.equal(_generate(model, ids), expected)
+    _assert_generates_like(model, ids, expected)
 
     fp4.save_pretrained(model, tmp_path / "fp4-model")
     reloaded = fp4.from_pretrained(tmp_path / "fp4-model", device=device)
     assert sum(isinstance(m, fp4.FP4Linear) for m in reloaded.modules()) == 14
-    assert torch.equal(_generate(reloaded, ids), expected)
+    _assert_generates_like(reloaded, ids, expected)
 
 
 def test_huggingface_save_of_a_bnb_model_loads_into_fp4(llama_folder, tmp_path, device):
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     model = _load_bnb(llama_folder, device, "nf4", True, dtype)
     ids = torch.randint(0, 256, (1, 5), device=device)
-    expected = _generate(model, ids)
+    expected = _reference(model, ids)
     model.save_pretrained(tmp_path / "hf-bnb")
     loaded = fp4.from_pretrained(tmp_path / "hf-bnb", device=device)
-    assert torch.equal(_generate(loaded, ids), expected)
+    _assert_generates_like(loaded, ids, expected)
 
 
 def test_fp4_folder_loads_back_into_huggingface_bitsandbytes(llama_folder, tmp_path):
@@ -102,10 +128,10 @@ def test_quantize_with_integration_enabled_runs_bnb_model_on_fp4(llama_folder, d
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     model = _load_bnb(llama_folder, device, "nf4", False, dtype)
     ids = torch.randint(0, 256, (1, 6), device=device)
-    expected = _generate(model, ids)
+    expected = _reference(model, ids)
     calls = []
     original = fp4.ops.linear_4bit_prepared
     monkeypatch.setattr(fp4.ops, "linear_4bit_prepared", lambda *a, **k: calls.append(1) or original(*a, **k))
     with fp4_bnb.enabled():
-        assert torch.equal(_generate(model, ids), expected)
+        _assert_generates_like(model, ids, expected)
     assert len(calls) >= 14
