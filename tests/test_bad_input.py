@@ -167,3 +167,8 @@ def test_forced_kernel_must_be_known():
     args = ops.KernelArgs.of_state(packed, state)
     with pytest.raises(ValueError, match="kernel: expected one of"):
         ops.linear_4bit_prepared(torch.randn(2, 128), args, kernel="tensor_core")
+
+
+def test_wgmma_query_of_a_missing_device_says_no():
+    assert not _C.gemm_4bit_uses_wgmma(-1)
+    assert not _C.gemm_4bit_uses_wgmma(torch.cuda.device_count())  # one past the last (0 without CUDA)

@@ -42,6 +42,12 @@ def test_tensor_core_gemm_matches_reference(dtype, batch, quant_type, double_qua
 WGMMA = HAS_CUDA and ops.gemm_uses_wgmma(0)
 
 
+def test_wgmma_is_reported_exactly_where_it_can_run():
+    """sm_90 devices with sm_90a code in the library, nothing else."""
+    built = "90a" in _C.cuda_archs().replace("-real", "").split()
+    assert WGMMA == (built and torch.cuda.get_device_capability(0) == (9, 0))
+
+
 @pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch", [17, 40, 64, 65, 130, 300])
