@@ -10,8 +10,8 @@
 // and their scales through a private cp.async ring, the block's activations ride a shared ring,
 // one barrier per stage. A multiply group is one m64 tile x one slice: its A fragments are decoded
 // while the previous group runs on the tensor cores (fragments double-buffered). Two shapes:
-//   batch 17-64 (BN 64): memory- and decode-bound: 16 warps of one m64 tile each, stages of 128
-//     columns (64 bytes per weight row), 3 stages in flight;
+//   batch 17-64 (BN 32 to 32, else 64): memory- and decode-bound: 16 warps of one m64 tile each,
+//     stages of 128 columns (64 bytes per weight row), 4 (BN 32) or 3 stages in flight;
 //   batch 65-256 (BN 128): compute-bound: 8 warps of two m64 tiles (the activation tile is read
 //     from L2 once per 256 features), stages of 64 columns whose multiplies overlap the next decode.
 // k is split across blockIdx.z only to give most SMs a block; split partial sums meet in the fp32
@@ -33,12 +33,14 @@ template <int BN>
 struct WgmmaConfig {
   // Batch <= 64: 4 warpgroups of one m64 tile (more warps to hide the decode's latencies, 128
   // registers each); above: 2 warpgroups of two m64 tiles (the accumulators need the registers).
+  // BN 32 serves batch 17-32: half the activation tile of BN 64 to read per multiply, and a deeper
+  // ring (measured (28672, 8192) batch 32: 103 us vs 114 with BN 64).
   static constexpr int kWarps = BN <= 64 ? 16 : 8, kThreads = kWarps * 32;
   static constexpr int kMT = BN <= 64 ? 1 : 2;            // m64 tiles per warpgroup
   static constexpr int kWarpRows = 16 * kMT;              // weight rows per warp
   static constexpr int kTileRows = kWarpRows * kWarps;    // output features per block: 256
   static constexpr int kAtoms = BN <= 64 ? 2 : 1;         // 64-column slices per stage
-  static constexpr int kStages = BN <= 64 ? 5 : 6;
+  static constexpr int kStages = BN == 64 ? 5 : 6;  // (as many as shared memory holds)
   // Stages between the one being multiplied and the one whose slot is refilled: 2 keeps the
   // multiplies going across the stage boundary (measured 2-3% better than 1 at batch 32-64).
   static constexpr int kLag = 2;
@@ -61,6 +63,7 @@ struct WgmmaConfig {
   static constexpr size_t kSmemBytes = 1024 + kXRingBytes + kWRingBytes + kSRingBytes + kTableBytes + kCodeBytes;
   static_assert((kAtoms * kMT) % 2 == 0, "a stage holds an even number of groups (the fragment buffer parity)");
   static_assert(kSmemBytes <= 227 * 1024, "one block per SM");
+  static_assert((BN * kAtoms) % (kThreads / 8) == 0, "the activation copies come in whole passes");
 };
 
 // Piece p of weight row r (of a warp's rows, kPieces pieces each) in a ring stage: swizzled so the
@@ -152,10 +155,11 @@ __global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
   // Lane l < kWarpRows copies the scales of warp row l (feature tile_row0 + 64 (l / 16) + l % 16).
   const int64_t scale_row_elem = min(tile_row0 + 64 * (lane / 16) + lane % 16, n - 1) * k;
 
-  // The activation copies: each pass moves 32 rows x 128 bytes, thread i unit i % 8 of row i / 8.
+  // The activation copies: thread i moves unit i % 8 of flat row q = i / 8 + kXRowsPerPass c in
+  // pass c, flat row q being row q % BN of slice q / BN.
   constexpr int kXRowsPerPass = C::kThreads / 8;
   constexpr int kXPasses = BN * kAtoms / kXRowsPerPass;
-  const int x_row = threadIdx.x / 8, x_unit8 = threadIdx.x % 8;
+  const int x_row = (threadIdx.x / 8) % BN, x_atom = (threadIdx.x / 8) / BN, x_unit8 = threadIdx.x % 8;
   const int x_dst = wgmma::sw128_offset(x_row, x_unit8);  // (+ 128 per row: row0 keeps row % 8)
   const T* const x_src = x + (batch0 + x_row) * k + x_unit8 * 8;
 
@@ -181,9 +185,11 @@ __global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
         }
       }
 #pragma unroll
-      for (int c = 0; c < kXPasses; ++c) {  // pass c: rows 32 (c % kRowPasses) + threadIdx.x / 8 of slice c / kRowPasses
-        constexpr int kRowPasses = BN / kXRowsPerPass;
-        const int row0 = kXRowsPerPass * (c % kRowPasses), atom = c / kRowPasses;
+      for (int c = 0; c < kXPasses; ++c) {
+        // (a pass covers whole slices when BN < kXRowsPerPass, rows of one slice otherwise)
+        constexpr int kRowPasses = BN >= kXRowsPerPass ? BN / kXRowsPerPass : 1;
+        const int row0 = BN >= kXRowsPerPass ? kXRowsPerPass * (c % kRowPasses) : 0;
+        const int atom = BN >= kXRowsPerPass ? c / kRowPasses : x_atom + c * (kXRowsPerPass / BN);
         if (row0 + x_row < rows)
           cp_async16(xring + slot * C::kXStageBytes + atom * (BN * 128) + row0 * 128 + x_dst,
                      x_src + row0 * k + st * C::kStageK + atom * kAtomK);
@@ -419,7 +425,9 @@ void gemm_4bit_wgmma(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, 
       launch<T, BN, false>(exec, xt, m, k, packed, scales, n, log2, code, bt, static_cast<T*>(y), workspace);
   };
   auto with_tile = [&](auto* tag) {
-    if (m <= 64)
+    if (m <= 32)
+      run(tag, std::integral_constant<int, 32>());
+    else if (m <= 64)
       run(tag, std::integral_constant<int, 64>());
     else
       run(tag, std::integral_constant<int, 128>());

@@ -60,6 +60,17 @@ __device__ __forceinline__ void pin(float (&d)[R]) {
 template <int N, bool kBf16>
 struct Mma;
 
+#define FP4_WGMMA_M64N32K16(TYPE) \
+  FP4_WGMMA_ONLY(asm volatile( \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n" \
+  "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " {" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15" \
+  "}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n" \
+  : \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]) \
+  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)))
+
 #define FP4_WGMMA_M64N64K16(TYPE) \
   FP4_WGMMA_ONLY(asm volatile( \
   "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n" \
@@ -95,6 +106,20 @@ struct Mma;
   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)))
 
 template <>
+struct Mma<32, false> {
+  static __device__ __forceinline__ void run(float (&d)[16], const uint32_t (&a)[4], uint64_t desc_b) {
+    FP4_WGMMA_M64N32K16("f16");
+  }
+};
+
+template <>
+struct Mma<32, true> {
+  static __device__ __forceinline__ void run(float (&d)[16], const uint32_t (&a)[4], uint64_t desc_b) {
+    FP4_WGMMA_M64N32K16("bf16");
+  }
+};
+
+template <>
 struct Mma<64, false> {
   static __device__ __forceinline__ void run(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
     FP4_WGMMA_M64N64K16("f16");
@@ -122,6 +147,7 @@ struct Mma<128, true> {
   }
 };
 
+#undef FP4_WGMMA_M64N32K16
 #undef FP4_WGMMA_M64N64K16
 #undef FP4_WGMMA_M64N128K16
 #undef FP4_WGMMA_ONLY

@@ -50,7 +50,7 @@ def test_wgmma_is_reported_exactly_where_it_can_run():
 
 @pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("batch", [17, 40, 64, 65, 130, 300])
+@pytest.mark.parametrize("batch", [17, 32, 40, 64, 65, 130, 300])
 @pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", False, 64), ("fp4", True, 64),
                                                                ("nf4", True, 128), ("fp4", False, 1024)])
 def test_wgmma_gemm_matches_reference(dtype, batch, quant_type, double_quant, blocksize):
