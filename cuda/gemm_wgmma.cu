@@ -403,6 +403,7 @@ bool gemm_4bit_wgmma_available(int device_index) {
 
 bool gemm_4bit_wgmma_supports(int64_t n, int64_t k, int64_t blocksize, const fp4_scales& scales) {
   if (k % WgmmaConfig<64>::kStageK != 0 || k % WgmmaConfig<128>::kStageK != 0 || blocksize < kAtomK) return false;
+  if ((n + WgmmaConfig<64>::kTileRows - 1) / WgmmaConfig<64>::kTileRows > 65535) return false;  // (grid.y)
   if (scales.nested_codes == nullptr) return true;
   // Nested codes are copied as the aligned 4-byte words that hold them: every such word must lie
   // inside the array.

@@ -117,10 +117,10 @@ FP4_API fp4_status fp4_linear_4bit(const fp4_exec* exec, fp4_quant_type quant_ty
                                    int64_t blocksize, const void* bias, void* y);
 
 /* The same product on tensor cores (CUDA, float16/bfloat16 x and y), for any batch m: reads the
- * 4-bit weight once per 64 batch rows, dequantizes in registers. Needs k % 128 == 0, x and packed 16-byte
- * aligned (FP4_ERROR_NOT_SUPPORTED otherwise). Small batches split k across blocks
- * and meet in `workspace`: fp4_gemm_4bit_workspace_size(m, n) bytes of device memory on exec's
- * device (contents are scratch; NULL is allowed only when that size is 0). */
+ * 4-bit weight once per tile of batch rows (16 to 128), dequantizes in registers. Needs k % 128 == 0,
+ * x and packed 16-byte aligned (FP4_ERROR_NOT_SUPPORTED otherwise). Small batches split k across
+ * blocks and meet in `workspace`: fp4_gemm_4bit_workspace_size(m, n) bytes of device memory on
+ * exec's device (contents are scratch; NULL is allowed only when that size is 0). */
 FP4_API size_t fp4_gemm_4bit_workspace_size(int64_t m, int64_t n);
 FP4_API fp4_status fp4_gemm_4bit(const fp4_exec* exec, fp4_quant_type quant_type, const void* x, fp4_dtype dtype,
                                  int64_t m, int64_t k, const uint8_t* packed, const fp4_scales* scales, int64_t n,
