@@ -129,7 +129,7 @@ def gemm_uses_wgmma(device_index: int) -> bool:
 def wgmma_supports(args: KernelArgs) -> bool:
     """The Hopper GEMM's own limits (mirrors gemm_4bit_wgmma_supports in cuda/gemm_wgmma.cu): whole
     256-column stages, blocks of >= 64, nested codes readable as aligned 4-byte words."""
-    if args.in_features % 256 or args.blocksize < 64:
+    if args.in_features % 256 or args.blocksize < 64 or args.out_features > 65535 * 256:
         return False
     codes = args.nested.get("nested_codes")
     return codes is None or (codes.data_ptr() % 4 == 0 and codes.numel() % 4 == 0)
