@@ -1,6 +1,10 @@
 """Every CUDA kernel behind the 4-bit linear op, forced one at a time, against the
 dequantize-then-matmul reference: random shapes, batches, formats, nested statistics and dtypes."""
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from torch import nn
@@ -13,8 +17,8 @@ from conftest import HAS_CUDA
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]
 
 
-def _layer(out_features, in_features, dtype, quant_type="nf4", double_quant=False, blocksize=64):
-    linear = nn.Linear(in_features, out_features, device="cuda", dtype=dtype)
+def _layer(out_features, in_features, dtype, quant_type="nf4", double_quant=False, blocksize=64, bias=True):
+    linear = nn.Linear(in_features, out_features, bias=bias, device="cuda", dtype=dtype)
     return fp4.FP4Linear.from_linear(linear, quant_type, blocksize, double_quant)
 
 
@@ -22,7 +26,9 @@ def _check(layer, x, kernel):
     args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
     y = torch.full((x.shape[0], layer.out_features), float("nan"), device="cuda", dtype=x.dtype)  # poisoned
     ops.linear_4bit_prepared(x, args, layer.bias, out=y, kernel=kernel)
-    reference = x.float() @ layer.dequantize().to(x.dtype).float().t() + layer.bias.float()
+    reference = x.float() @ layer.dequantize().to(x.dtype).float().t()
+    if layer.bias is not None:
+        reference += layer.bias.float()
     # fp32 accumulation in a different order, one rounding of the result to the activation dtype
     scale = reference.abs().max().item() + 1e-6
     limit = (4e-3 if x.dtype == torch.float16 else 2e-2) * scale
@@ -62,9 +68,34 @@ def test_wgmma_gemm_matches_reference(dtype, batch, quant_type, double_quant, bl
 
 @pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
 def test_wgmma_gemm_long_rows_and_many_tiles():
-    for out_features, in_features, batch in ((128, 14336, 33), (4224, 512, 200), (256, 8192, 1030)):
-        layer = _layer(out_features, in_features, torch.bfloat16)
+    for out_features, in_features, batch, bias in ((128, 14336, 33, True), (4224, 512, 200, False),
+                                                   (256, 8192, 1030, True), (384, 4096, 20, False)):
+        layer = _layer(out_features, in_features, torch.bfloat16, bias=bias)
         _check(layer, torch.randn(batch, in_features, device="cuda", dtype=torch.bfloat16), "gemm")
+
+
+def test_first_gemm_of_a_process_inside_a_cuda_graph_capture():
+    """The first GEMM call of a process decides whether the Hopper kernel runs (on sm_90 with a
+    probe launch); made inside a CUDA-graph capture it must neither break the capture nor compute
+    anything wrong."""
+    code = textwrap.dedent("""
+        import torch, fp4
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(512, 384, device="cuda", dtype=torch.float16)
+        layer = fp4.FP4Linear.from_linear(linear, "nf4")
+        x = torch.randn(64, 512, device="cuda", dtype=torch.float16)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            y = layer(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        reference = x.float() @ layer.dequantize().float().t() + linear.bias.float()
+        error = (y.float() - reference).abs().max().item()
+        assert error <= 4e-3 * reference.abs().max().item(), error
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
 @pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
