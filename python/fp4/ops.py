@@ -112,7 +112,8 @@ def choose_kernel(x: torch.Tensor, args: KernelArgs, m: int) -> str:
     if m <= CUDA_GEMV_MAX_BATCH and (not gemm or args.out_features * args.in_features < CUDA_GEMV_MAX_WEIGHTS[m]):
         return "gemv"
     if gemm:
-        if m <= CUDA_GEMM_MAX_BATCH or (m <= CUDA_WGMMA_MAX_BATCH and gemm_uses_wgmma(x.device.index or 0)
+        device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        if m <= CUDA_GEMM_MAX_BATCH or (m <= CUDA_WGMMA_MAX_BATCH and gemm_uses_wgmma(device)
                                          and wgmma_supports(args)):
             return "gemm"
         return "dequantize_matmul"
@@ -122,7 +123,8 @@ def choose_kernel(x: torch.Tensor, args: KernelArgs, m: int) -> str:
 
 @functools.lru_cache(maxsize=None)
 def gemm_uses_wgmma(device_index: int) -> bool:
-    """Whether the GEMM runs Hopper warpgroup MMA on this CUDA device (then it wins at every batch)."""
+    """Whether the GEMM runs Hopper warpgroup MMA on this CUDA device for batches > 16 (then it beats
+    dequantize + cuBLAS up to CUDA_WGMMA_MAX_BATCH)."""
     return _C.gemm_4bit_uses_wgmma(device_index)
 
 
