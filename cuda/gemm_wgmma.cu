@@ -348,31 +348,31 @@ bool built_for_sm90a() {
   return false;
 }
 
-// Writes 1 where the code the runtime loaded for this device is sm_90a's.
-__global__ void wgmma_probe_kernel(int* has_wgmma) {
+// 1 in the sm_90a code of this module, 0 in every other architecture's.
+__device__ int sm90a_code_loaded;
+__global__ void wgmma_probe_kernel() {
 #ifdef FP4_WGMMA_DEVICE
-  *has_wgmma = 1;
+  sm90a_code_loaded = 1;
 #else
-  *has_wgmma = 0;
+  sm90a_code_loaded = 0;
 #endif
 }
 
-// Whether the runtime runs sm_90a code on `device` (a library built for both sm_90 and sm_90a leaves
-// the choice to the driver): one probe launch, on a private stream with the capture mode relaxed
-// so that a first call inside a CUDA-graph capture does not break the capture.
+// Whether the runtime runs sm_90a code on the current device (a library built for both sm_90 and
+// sm_90a leaves the choice to the driver): one probe launch on a private stream, its answer in a
+// module variable (no allocation), with the capture mode relaxed so that a first call inside a
+// CUDA-graph capture does not break the capture.
 bool probe_sm90a() {
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
   check(cudaThreadExchangeStreamCaptureMode(&mode), "cudaThreadExchangeStreamCaptureMode");
   int result = 0;
   cudaStream_t stream = nullptr;
-  int* flag = nullptr;
   cudaError_t status = cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking);
-  if (status == cudaSuccess) status = cudaMallocAsync(reinterpret_cast<void**>(&flag), sizeof(int), stream);
   if (status == cudaSuccess) {
-    wgmma_probe_kernel<<<1, 1, 0, stream>>>(flag);
+    wgmma_probe_kernel<<<1, 1, 0, stream>>>();
     status = cudaGetLastError();
-    if (status == cudaSuccess) status = cudaMemcpyAsync(&result, flag, sizeof(int), cudaMemcpyDeviceToHost, stream);
-    cudaFreeAsync(flag, stream);
+    if (status == cudaSuccess)
+      status = cudaMemcpyFromSymbolAsync(&result, sm90a_code_loaded, sizeof(int), 0, cudaMemcpyDeviceToHost, stream);
     if (status == cudaSuccess) status = cudaStreamSynchronize(stream);
   }
   if (stream != nullptr) cudaStreamDestroy(stream);
