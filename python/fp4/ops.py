@@ -112,9 +112,10 @@ def choose_kernel(x: torch.Tensor, args: KernelArgs, m: int) -> str:
     if m <= CUDA_GEMV_MAX_BATCH and (not gemm or args.out_features * args.in_features < CUDA_GEMV_MAX_WEIGHTS[m]):
         return "gemv"
     if gemm:
+        if m <= CUDA_GEMM_MAX_BATCH:
+            return "gemm"
         device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        if m <= CUDA_GEMM_MAX_BATCH or (m <= CUDA_WGMMA_MAX_BATCH and gemm_uses_wgmma(device)
-                                         and wgmma_supports(args)):
+        if m <= CUDA_WGMMA_MAX_BATCH and gemm_uses_wgmma(device) and wgmma_supports(args):
             return "gemm"
         return "dequantize_matmul"
     # float32 activations or unaligned shapes: the GEMV still beats a dense copy up to its limit.
