@@ -219,14 +219,9 @@ void launch_stream(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const
                    const fp4_scales& scales, int64_t n, int log2, const Code16& code, const T* bias, T* y,
                    float* workspace) {
   using C = StreamConfig<NT>;
-  auto* kernel = gemm_stream_kernel<T, NT, kBlock64, kNested>;
-  static std::atomic<int> attribute_set[64];
+  constexpr auto kernel = gemm_stream_kernel<T, NT, kBlock64, kNested>;
   const int device = exec.device_index;
-  if (device < 0 || device >= 64 || attribute_set[device].load() == 0) {
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes)),
-          "cudaFuncSetAttribute");
-    if (device >= 0 && device < 64) attribute_set[device].store(1);
-  }
+  allow_dynamic_smem<kernel>(device, C::kSmemBytes);
   const int64_t chunks = k / kChunk;
   const int64_t stages_per_tile = (chunks + C::kSpan - 1) / C::kSpan;
   const int64_t tiles = (n + C::kTileRows - 1) / C::kTileRows;

@@ -1,5 +1,5 @@
-// The 4-bit linear layer on Hopper warpgroup MMA (sm_90a) for batch 17-256, read straight from the
-// bitsandbytes layout. As in mma_4bit.cuh the product is computed transposed, y^T = W x^T: the
+// The 4-bit linear layer on Hopper warpgroup MMA (sm_90a) for batch 17-128 (larger batches:
+// gemm_wgmma_ws.cu), read straight from the bitsandbytes layout. As in mma_4bit.cuh the product is computed transposed, y^T = W x^T: the
 // decoded weight is wgmma's A operand, taken from registers, and the activations its B operand,
 // taken from shared memory (wgmma.cuh). Unlike the mma.sync kernels the k order is the natural one:
 // the activations reach shared memory as 16-byte copies in wgmma's 128-byte swizzle, and each lane
@@ -12,7 +12,7 @@
 // while the previous group runs on the tensor cores (fragments double-buffered). Two shapes:
 //   batch 17-64 (BN 32 to 32, else 64): memory- and decode-bound: 16 warps of one m64 tile each,
 //     stages of 128 columns (64 bytes per weight row), 4 (BN 32) or 3 stages in flight;
-//   batch 65-256 (BN 128): compute-bound: 8 warps of two m64 tiles (the activation tile is read
+//   batch 65-128 (BN 128): compute-bound: 8 warps of two m64 tiles (the activation tile is read
 //     from L2 once per 256 features), stages of 64 columns whose multiplies overlap the next decode.
 // k is split across blockIdx.z only to give most SMs a block; split partial sums meet in the fp32
 // workspace like the other GEMM kernels. Measurements: docs/perf-log.md.
@@ -308,15 +308,10 @@ template <typename T, int BN, bool kNested>
 void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales,
             int64_t n, int blocksize_log2, const Code16& code, const T* bias, T* y, float* workspace) {
   using C = WgmmaConfig<BN>;
-  auto* kernel = gemm_wgmma_kernel<T, BN, kNested>;
+  constexpr auto kernel = gemm_wgmma_kernel<T, BN, kNested>;
   constexpr size_t smem = C::kSmemBytes;
-  static std::atomic<bool> configured[64];
   const int device = exec.device_index;
-  if (device < 0 || device >= 64 || !configured[device].load()) {
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-          "cudaFuncSetAttribute");
-    if (device >= 0 && device < 64) configured[device].store(true);
-  }
+  allow_dynamic_smem<kernel>(device, smem);
   const int64_t tiles = ((m + BN - 1) / BN) * ((n + C::kTileRows - 1) / C::kTileRows);
   const int64_t total_stages = k / C::kStageK;
   // One block per SM. k is split only to give most SMs a block (>= 80% of them): measured on the
@@ -403,7 +398,7 @@ bool gemm_4bit_wgmma_available(int device_index) {
 
 bool gemm_4bit_wgmma_supports(int64_t n, int64_t k, int64_t blocksize, const fp4_scales& scales) {
   if (k % WgmmaConfig<64>::kStageK != 0 || k % WgmmaConfig<128>::kStageK != 0 || blocksize < kAtomK) return false;
-  if ((n + WgmmaConfig<64>::kTileRows - 1) / WgmmaConfig<64>::kTileRows > 65535) return false;  // (grid.y)
+  if (n > 65535 * 128) return false;  // (grid.y: gemm_wgmma_ws.cu's tiles of 128 features)
   if (scales.nested_codes == nullptr) return true;
   // Nested codes are copied as the aligned 4-byte words that hold them: every such word must lie
   // inside the array.
@@ -414,6 +409,10 @@ bool gemm_4bit_wgmma_supports(int64_t n, int64_t k, int64_t blocksize, const fp4
 void gemm_4bit_wgmma(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m, int64_t k,
                      const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
                      void* y, float* workspace) {
+  // Past batch 128 the warp-specialized kernel (measured on the H100, bf16 nf4, us, this kernel /
+  // that one: (28672, 8192) batch 128: 173 / 209, 192: 333 / 245, 256: 339 / 248; (14336, 4096)
+  // batch 128: 61 / 57, 256: 90 / 68; (4096, 14336) batch 128: 57 / 57, 256: 89 / 72).
+  if (m > 128) return gemm_4bit_wgmma_ws(exec, code, dtype, x, m, k, packed, scales, n, blocksize, bias, y, workspace);
   const int log2 = log2_of(blocksize);
   auto run = [&](auto* tag, auto bn) {
     using T = std::remove_pointer_t<decltype(tag)>;

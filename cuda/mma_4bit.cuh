@@ -96,9 +96,10 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // The pair table: byte -> (code[high nibble], code[low nibble]) as a pair of T, in rows of kRowStride
-// bytes whose first 128 hold one copy per lane (lane l reads column l: always its own bank).
-// `codes` receives the 16 codes (and with nested statistics the 256-entry codebook after them); one
-// barrier inside. Thread i fills lanes 4 (i % 8) .. 4 (i % 8) + 3 of every (threads / 8)-th byte.
+// bytes whose first 128 hold one copy per lane (lane l reads column l: always its own bank); rows
+// of 64 bytes hold 16 copies (lanes l and l + 16 share one). `codes` receives the 16 codes (and with
+// nested statistics the 256-entry codebook after them); one barrier inside. Thread i fills copies
+// 4 (i % U) .. 4 (i % U) + 3 of every (threads / U)-th byte, U the 16-byte units of a row's copies.
 template <typename T, int kRowStride, bool kNested>
 __device__ __forceinline__ void build_pair_table(uint8_t* table, float* codes, const Code16& code,
                                                  const fp4_scales& scales) {
@@ -111,9 +112,10 @@ __device__ __forceinline__ void build_pair_table(uint8_t* table, float* codes, c
   if constexpr (kNested)
     for (int i = threadIdx.x; i < 256; i += blockDim.x) codes[16 + i] = scales.nested_code[i];
   __syncthreads();
-  for (int byte = threadIdx.x / 8; byte < 256; byte += blockDim.x / 8) {
+  constexpr int kUnits = kRowStride >= 128 ? 8 : kRowStride / 16;
+  for (int byte = threadIdx.x / kUnits; byte < 256; byte += blockDim.x / kUnits) {
     const uint32_t pair = Pair<T>::of(codes[byte >> 4], codes[byte & 15]);
-    reinterpret_cast<uint4*>(table + byte * kRowStride)[threadIdx.x % 8] = make_uint4(pair, pair, pair, pair);
+    reinterpret_cast<uint4*>(table + byte * kRowStride)[threadIdx.x % kUnits] = make_uint4(pair, pair, pair, pair);
   }
 }
 
@@ -261,6 +263,17 @@ inline int sm_count(int device) {
   return cached[device].load();
 }
 
+// Raises kKernel's dynamic shared-memory limit to `bytes` on `device`, once per device (the call
+// costs microseconds per launch).
+template <auto kKernel>
+void allow_dynamic_smem(int device, size_t bytes) {
+  static std::atomic<bool> done[64];  // (threads may race to set it: they set the same value)
+  if (device >= 0 && device < 64 && done[device].load()) return;
+  check(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
+        "cudaFuncSetAttribute");
+  if (device >= 0 && device < 64) done[device].store(true);
+}
+
 // How many ways to split k so a grid of `tiles` blocks x splits fills whole waves of `capacity`
 // resident blocks: the smallest count whose last wave is >= 90% full (measured: a 1.7-wave grid
 // cost 30% at batch 16), at most 16, each split keeping >= min_stages of the `stages` k stages.
@@ -287,5 +300,9 @@ bool gemm_4bit_wgmma_supports(int64_t n, int64_t k, int64_t blocksize, const fp4
 void gemm_4bit_wgmma(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m, int64_t k,
                      const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
                      void* y, float* workspace);
+// Its warp-specialized form for batch > 64 (gemm_wgmma_ws.cu), called by gemm_4bit_wgmma.
+void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m,
+                        int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize,
+                        const void* bias, void* y, float* workspace);
 
 }  // namespace fp4::cuda

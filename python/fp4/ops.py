@@ -16,16 +16,18 @@ from .quant_state import QuantState
 # buffers; otherwise the GEMV up to its largest batch, then dequantize + cuBLAS):
 #   m <= 2 with fewer weights than CUDA_GEMV_MAX_WEIGHTS[m]   the fused GEMV (warp per output feature)
 #   m <= CUDA_GEMM_MAX_BATCH      the fused tensor-core GEMM (stream-K kernel to 16; above, the Hopper
-#                                 wgmma kernel where gemm_uses_wgmma, else the tiled mma.sync one)
-#   m <= CUDA_WGMMA_MAX_BATCH     the same GEMM where it runs wgmma (in_features % 256 == 0)
+#                                 wgmma kernels where gemm_uses_wgmma, else the tiled mma.sync one)
+#   m <= CUDA_WGMMA_MAX_BATCH     the same GEMM where it runs wgmma (in_features % 256 == 0; past
+#                                 batch 128 its warp-specialized kernel, cuda/gemm_wgmma_ws.cu)
 #   larger                        dequantize into a temporary, then cuBLAS
 # Measured on the H100 (`python -m fp4 bench --kernels`, bf16 nf4, CUDA graphs, weights beyond L2),
 # us for GEMV / GEMM / dequantize+cuBLAS: (28672, 8192) batch 1: 73.0 / 64.8 / 409, batch 4:
-# 150 / 66.4 / 410, batch 64: - / 121 / 412, batch 256: - / 337 / 431, batch 384: - / 510 / 493;
-# (8192, 8192) batch 1: 25.1 / 25.6, batch 2: 31.6 / 26.0; (4096, 14336) batch 1: 22.1 / 23.9,
-# batch 2: 28.8 / 24.5, batch 256: - / 89 / 131, batch 512: - / 162 / 150; (14336, 4096) batch 256:
-# - / 89 / 124, batch 384: - / 177 / 138; (4096, 4096) batch 1: 9.6 / 12.2, batch 2: 10.9 / 12.0
-# (the GEMM's fixed cost, ~3 us of workspace clear and finish, decides small weights).
+# 150 / 66.4 / 410, batch 64: - / 121 / 412, batch 256: - / 248 / 433, batch 512: - / 563 / 552,
+# batch 1024: - / 980 / 857; (8192, 8192) batch 1: 25.1 / 25.6, batch 2: 31.6 / 26.0; (4096, 14336)
+# batch 1: 22.1 / 23.9, batch 2: 28.8 / 24.5, batch 256: - / 72 / 132, batch 512: - / 125 / 150,
+# batch 1024: - / 217 / 221; (14336, 4096) batch 256: - / 68 / 124; (4096, 4096) batch 1: 9.6 / 12.2,
+# batch 2: 10.9 / 12.0 (the GEMM's fixed cost, ~3 us of workspace clear and finish, decides small
+# weights).
 # docs/perf-log.md has the history.
 CUDA_GEMV_MAX_WEIGHTS = {1: 1 << 27, 2: 1 << 25}
 CUDA_GEMV_MAX_BATCH = max(CUDA_GEMV_MAX_WEIGHTS)
@@ -132,7 +134,7 @@ def gemm_uses_wgmma(device_index: int) -> bool:
 def wgmma_supports(args: KernelArgs) -> bool:
     """The Hopper GEMM's own limits (mirrors gemm_4bit_wgmma_supports in cuda/gemm_wgmma.cu): whole
     256-column stages, blocks of >= 64, nested codes readable as aligned 4-byte words."""
-    if args.in_features % 256 or args.blocksize < 64 or args.out_features > 65535 * 256:
+    if args.in_features % 256 or args.blocksize < 64 or args.out_features > 65535 * 128:
         return False
     codes = args.nested.get("nested_codes")
     return codes is None or (codes.data_ptr() % 4 == 0 and codes.numel() % 4 == 0)
