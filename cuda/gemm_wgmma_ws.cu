@@ -177,16 +177,23 @@ __global__ void __launch_bounds__(WsConfig::kThreads, 1)
                              nested_offset);
       }
       const uint32_t scale_pair = Pair<T>::of(row_valid ? scale : 0.0f, row_valid ? scale : 0.0f);
+      // All 32 lookups first, then the multiplies and stores: the loads' latencies overlap
+      // (this warp is alone on its scheduler, nothing else hides them).
+      uint32_t pairs[32];
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          // byte b of the word beside the copy's offset: (byte * 256 + copy * 16) >> 2
+          const uint32_t offset = __byte_perm(words[u], copy_x16, 0x5504u | (uint32_t(b) << 4)) >> 2;
+          pairs[4 * u + b] = load_pair(table, offset);
+        }
       uint8_t* const a = aring + aslot * C::kAStageBytes;
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
         uint32_t v[4];
 #pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          // byte b of the word beside the copy's offset: (byte * 256 + copy * 16) >> 2
-          const uint32_t offset = __byte_perm(words[u], copy_x16, 0x5504u | (uint32_t(b) << 4)) >> 2;
-          v[b] = Pair<T>::mul(load_pair(table, offset), scale_pair);
-        }
+        for (int b = 0; b < 4; ++b) v[b] = Pair<T>::mul(pairs[4 * u + b], scale_pair);
         *reinterpret_cast<uint4*>(a + wgmma::sw128_offset(p, u)) = make_uint4(v[0], v[1], v[2], v[3]);
       }
     };
