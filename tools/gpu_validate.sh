@@ -36,7 +36,7 @@ if [ "$what" = tests ] || [ "$what" = sanitize ] || [ "$what" = all ]; then
   done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  python -m fp4 bench --shapes 28672x8192,14336x4096,4096x14336,4096x4096 --batches 1,4,16,64,128,256,1024 \
+  python -m fp4 bench --shapes 28672x8192,14336x4096,4096x14336,4096x4096 --batches 1,4,16,64,128,256,512,1024 \
     --dtypes float16,bfloat16 --formats nf4 --repeats 20 --json "$OUT/h100_batches.json" 2>&1 \
     | grep -v "kernels-community\|SyntaxWarning\|Configuration class" | tee "$OUT/bench.log"
   python -m fp4 bench --shapes 28672x8192,14336x4096,4096x14336,4096x4096 --batches 1,16 \
