@@ -258,15 +258,11 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
   // power of two, divide otherwise.
   const int nested_log2 = nested_shift(scales);
   cudaStream_t stream = stream_of(exec);
-  float* partial = splits > 1 ? workspace : nullptr;
-  if (partial) check(cudaMemsetAsync(partial, 0, size_t(m * n) * sizeof(float), stream), "cudaMemsetAsync");
-  gemm_mma_kernel<T, NT, kBlock64, kNested><<<grid, Config::kThreads, smem, stream>>>(
-      x, m, k, packed, scales, nested_log2, n, log2, code, per_split, bias, y, partial);
-  check_launch("gemm_4bit kernel");
-  if (partial) {
-    finish_kernel<T><<<grid_for(m * n, 256, 4096), 256, 0, stream>>>(partial, m, n, bias, y);
-    check_launch("gemm_4bit finish kernel");
-  }
+  with_partial_sums(splits > 1, workspace, m, n, bias, y, stream, [&](float* partial) {
+    gemm_mma_kernel<T, NT, kBlock64, kNested><<<grid, Config::kThreads, smem, stream>>>(
+        x, m, k, packed, scales, nested_log2, n, log2, code, per_split, bias, y, partial);
+    check_launch("gemm_4bit kernel");
+  });
 }
 
 }  // namespace

@@ -229,12 +229,11 @@ void launch_stream(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const
   const int64_t grid = std::min<int64_t>(sm_count(device), total);
   const int nested_log2 = nested_shift(scales);
   cudaStream_t stream = stream_of(exec);
-  check(cudaMemsetAsync(workspace, 0, size_t(m * n) * sizeof(float), stream), "cudaMemsetAsync");
-  kernel<<<unsigned(grid), C::kThreads, C::kSmemBytes, stream>>>(x, m, k, packed, scales, nested_log2, n, log2, code,
-                                                                 stages_per_tile, total, workspace);
-  check_launch("gemm_4bit stream kernel");
-  finish_kernel<T><<<grid_for(m * n, 256, 4096), 256, 0, stream>>>(workspace, m, n, bias, y);
-  check_launch("gemm_4bit finish kernel");
+  with_partial_sums(true, workspace, m, n, bias, y, stream, [&](float* partial) {  // (ranges always meet there)
+    kernel<<<unsigned(grid), C::kThreads, C::kSmemBytes, stream>>>(x, m, k, packed, scales, nested_log2, n, log2,
+                                                                   code, stages_per_tile, total, partial);
+    check_launch("gemm_4bit stream kernel");
+  });
 }
 
 }  // namespace

@@ -312,27 +312,14 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
   constexpr size_t smem = C::kSmemBytes;
   const int device = exec.device_index;
   allow_dynamic_smem<kernel>(device, smem);
-  const int64_t tiles = ((m + BN - 1) / BN) * ((n + C::kTileRows - 1) / C::kTileRows);
-  const int64_t total_stages = k / C::kStageK;
-  // One block per SM. k is split only to give most SMs a block (>= 80% of them): measured on the
-  // H100 at batch 64, (28672, 8192) unsplit (112 blocks) 137 us vs 7 splits (99% of a wave) 162 us
-  // (the fp32 partial sums cost more than idle SMs); (4096, 14336) 7 splits 47 us vs 1: 256 us.
-  const int64_t capacity = sm_count(device);
-  int64_t splits = 1;
-  while (tiles * splits * 5 < capacity * 4 && total_stages / (splits + 1) >= 1024 / C::kStageK) ++splits;
-  const int64_t per_split = (total_stages + splits - 1) / splits;
-  const dim3 grid(unsigned((m + BN - 1) / BN), unsigned((n + C::kTileRows - 1) / C::kTileRows),
-                  unsigned((total_stages + per_split - 1) / per_split));
+  int64_t per_split = 0;
+  const dim3 grid = one_block_per_sm_grid(m, n, BN, C::kTileRows, k / C::kStageK, C::kStageK, device, per_split);
   cudaStream_t stream = stream_of(exec);
-  float* partial = grid.z > 1 ? workspace : nullptr;
-  if (partial) check(cudaMemsetAsync(partial, 0, size_t(m * n) * sizeof(float), stream), "cudaMemsetAsync");
-  kernel<<<grid, C::kThreads, smem, stream>>>(x, m, k, packed, scales, nested_shift(scales), n, blocksize_log2, code,
-                                              per_split, bias, y, partial);
-  check_launch("gemm_4bit wgmma kernel");
-  if (partial) {
-    finish_kernel<T><<<grid_for(m * n, 256, 4096), 256, 0, stream>>>(partial, m, n, bias, y);
-    check_launch("gemm_4bit finish kernel");
-  }
+  with_partial_sums(grid.z > 1, workspace, m, n, bias, y, stream, [&](float* partial) {
+    kernel<<<grid, C::kThreads, smem, stream>>>(x, m, k, packed, scales, nested_shift(scales), n, blocksize_log2,
+                                                code, per_split, bias, y, partial);
+    check_launch("gemm_4bit wgmma kernel");
+  });
 }
 
 // Whether FP4_CUDA_ARCHS (space-separated CMake architectures) has sm_90a code.

@@ -298,27 +298,17 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
   constexpr int BN = C::kBatchRows;
   constexpr auto kernel = gemm_wgmma_ws_kernel<T, kNested>;
   allow_dynamic_smem<kernel>(exec.device_index, C::kSmemBytes);
-  const int64_t tiles = ((m + BN - 1) / BN) * ((n + C::kTileRows - 1) / C::kTileRows);
-  const int64_t total_stages = k / C::kStageK;
-  // One block per SM; k split only to give most SMs a block (as in gemm_wgmma.cu).
-  const int64_t capacity = sm_count(exec.device_index);
-  int64_t splits = 1;
-  while (tiles * splits * 5 < capacity * 4 && total_stages / (splits + 1) >= 1024 / C::kStageK) ++splits;
-  const int64_t per_split = (total_stages + splits - 1) / splits;
   // (batch tiles vary fastest: the blocks that share a weight tile run together and read it once)
-  const dim3 grid(unsigned((m + BN - 1) / BN), unsigned((n + C::kTileRows - 1) / C::kTileRows),
-                  unsigned((total_stages + per_split - 1) / per_split));
-  cudaStream_t stream = stream_of(exec);
-  float* partial = grid.z > 1 ? workspace : nullptr;
-  if (partial) check(cudaMemsetAsync(partial, 0, size_t(m * n) * sizeof(float), stream), "cudaMemsetAsync");
+  int64_t per_split = 0;
+  const dim3 grid =
+      one_block_per_sm_grid(m, n, BN, C::kTileRows, k / C::kStageK, C::kStageK, exec.device_index, per_split);
   const CUtensorMap x_map = activation_map(x, std::is_same_v<T, __half> ? FP4_FLOAT16 : FP4_BFLOAT16, m, k, BN);
-  kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(x_map, m, k, packed, scales, nested_shift(scales), n,
-                                                       blocksize_log2, code, per_split, bias, y, partial);
-  check_launch("gemm_4bit warp-specialized wgmma kernel");
-  if (partial) {
-    finish_kernel<T><<<grid_for(m * n, 256, 4096), 256, 0, stream>>>(partial, m, n, bias, y);
-    check_launch("gemm_4bit finish kernel");
-  }
+  cudaStream_t stream = stream_of(exec);
+  with_partial_sums(grid.z > 1, workspace, m, n, bias, y, stream, [&](float* partial) {
+    kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(x_map, m, k, packed, scales, nested_shift(scales), n,
+                                                         blocksize_log2, code, per_split, bias, y, partial);
+    check_launch("gemm_4bit warp-specialized wgmma kernel");
+  });
 }
 
 }  // namespace
