@@ -1,9 +1,10 @@
 // The 4-bit linear layer on Hopper warpgroup MMA (sm_90a) for batch 17-128 (larger batches:
-// gemm_wgmma_ws.cu), read straight from the bitsandbytes layout. As in mma_4bit.cuh the product is computed transposed, y^T = W x^T: the
-// decoded weight is wgmma's A operand, taken from registers, and the activations its B operand,
-// taken from shared memory (wgmma.cuh). Unlike the mma.sync kernels the k order is the natural one:
-// the activations reach shared memory as 16-byte copies in wgmma's 128-byte swizzle, and each lane
-// picks its fragment's bytes out of the weight words with a byte permute.
+// gemm_wgmma_ws.cu), read straight from the bitsandbytes layout. As in mma_4bit.cuh the product is
+// computed transposed, y^T = W x^T: the decoded weight is wgmma's A operand, taken from registers,
+// and the activations its B operand, taken from shared memory (wgmma.cuh). Unlike the mma.sync
+// kernels the k order is the natural one: the activations reach shared memory as 16-byte copies in
+// wgmma's 128-byte swizzle, and each lane picks its fragment's bytes out of the weight words with a
+// byte permute.
 //
 // A block covers 256 output features x BN batch rows, one block per SM. Each stage is kAtoms
 // 64-column slices of k (one swizzle atom of activations each); every warp streams its weight rows
@@ -287,21 +288,9 @@ __global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
   keep(frag[0]);
   keep(frag[1]);
 
-  // acc[mt][4j + i]: feature tile_row0 + 64 mt + g + 8 (i / 2), batch row batch0 + 8j + 2t + i % 2.
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) {
-      const int64_t f = tile_row0 + 64 * mt + g + 8 * ((i / 2) % 2);
-      const int64_t b = batch0 + 8 * (i / 4) + 2 * t + i % 2;
-      if (f >= n || b >= m) continue;
-      if (partial != nullptr) {
-        atomicAdd(partial + b * n + f, acc[mt][i]);
-      } else {
-        const float bv = bias ? load_as_float(bias + f) : 0.0f;
-        y[b * n + f] = store_from_float<T>(acc[mt][i] + bv);
-      }
-    }
+    wgmma::store_accumulators(acc[mt], tile_row0 + 64 * mt, batch0, m, n, bias, y, partial);
 }
 
 template <typename T, int BN, bool kNested>

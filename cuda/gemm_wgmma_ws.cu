@@ -64,32 +64,32 @@ __device__ __forceinline__ void barrier_arrive(int id) { asm volatile("bar.arriv
 // (sm_90 instructions: like wgmma they exist only in the sm_90a code, FP4_WGMMA_DEVICE)
 #ifdef FP4_WGMMA_DEVICE
 #define FP4_SM90_ONLY(...) __VA_ARGS__
+__device__ __forceinline__ uint32_t shared_address(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
 #else
 #define FP4_SM90_ONLY(...) __trap()
 #endif
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar) {
-  FP4_SM90_ONLY(asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(uint32_t(__cvta_generic_to_shared(bar))) : "memory"));
+  FP4_SM90_ONLY(asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(bar)) : "memory"));
 }
 __device__ __forceinline__ void mbarrier_expect(uint64_t* bar, uint32_t bytes) {
-  FP4_SM90_ONLY(asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(uint32_t(__cvta_generic_to_shared(bar))),
-               "r"(bytes)
-               : "memory"));
+  FP4_SM90_ONLY(asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)),
+                             "r"(bytes)
+                             : "memory"));
 }
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-  FP4_SM90_ONLY(asm volatile(
-      "{\n.reg .pred done;\nWAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n}\n" ::"r"(uint32_t(__cvta_generic_to_shared(bar))),
-      "r"(parity)
-      : "memory"));
+  FP4_SM90_ONLY(asm volatile("{\n.reg .pred done;\nWAIT:\n"
+                             "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                             "@!done bra WAIT;\n}\n" ::"r"(shared_address(bar)),
+                             "r"(parity)
+                             : "memory"));
 }
 // Copies the box at (column c0, row c1) of the tensor map into shared memory (the map's swizzle,
 // rows past the tensor's end zero), completing `bar` with its bytes.
 __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar) {
   FP4_SM90_ONLY(asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
-          uint32_t(__cvta_generic_to_shared(dst))),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(uint32_t(__cvta_generic_to_shared(bar)))
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];" ::"r"(shared_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(shared_address(bar))
       : "memory"));
 }
 
@@ -99,10 +99,10 @@ __device__ __forceinline__ int weight_piece(int p, int q) { return p * 32 + ((q 
 
 template <typename T, bool kNested>
 __global__ void __launch_bounds__(WsConfig::kThreads, 1)
-    gemm_wgmma_ws_kernel(const __grid_constant__ CUtensorMap x_map, int64_t m, int64_t k, const uint8_t* __restrict__ packed,
-                         fp4_scales scales, int nested_log2, int64_t n, int blocksize_log2, Code16 code,
-                         int64_t stages_per_split, const T* __restrict__ bias, T* __restrict__ y,
-                         float* __restrict__ partial) {
+    gemm_wgmma_ws_kernel(const __grid_constant__ CUtensorMap x_map, int64_t m, int64_t k,
+                         const uint8_t* __restrict__ packed, fp4_scales scales, int nested_log2, int64_t n,
+                         int blocksize_log2, Code16 code, int64_t stages_per_split, const T* __restrict__ bias,
+                         T* __restrict__ y, float* __restrict__ partial) {
   using C = WsConfig;
   constexpr int BN = C::kBatchRows, S = C::kStages, kLag = C::kLag;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
@@ -247,21 +247,8 @@ __global__ void __launch_bounds__(WsConfig::kThreads, 1)
   wgmma::wait<0>();
   wgmma::pin(acc);
 
-  // acc[4j + i]: feature row0 + g + 8 (i / 2) of the warp's 16, batch row batch0 + 8j + 2t + i % 2.
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int64_t row0 = tile_row0 + 64 * c + 16 * ((threadIdx.x / 32) % 4);
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) {
-    const int64_t f = row0 + g + 8 * ((i / 2) % 2);
-    const int64_t b = batch0 + 8 * (i / 4) + 2 * t + i % 2;
-    if (f >= n || b >= m) continue;
-    if (partial != nullptr) {
-      atomicAdd(partial + b * n + f, acc[i]);
-    } else {
-      const float bv = bias ? load_as_float(bias + f) : 0.0f;
-      y[b * n + f] = store_from_float<T>(acc[i] + bv);
-    }
-  }
+  const int64_t warp_row0 = tile_row0 + 64 * c + 16 * ((threadIdx.x / 32) % 4);
+  wgmma::store_accumulators(acc, warp_row0, batch0, m, n, bias, y, partial);
 }
 
 #undef FP4_SM90_ONLY

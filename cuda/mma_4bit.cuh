@@ -301,7 +301,8 @@ inline dim3 one_block_per_sm_grid(int64_t m, int64_t n, int batch_rows, int feat
   int64_t splits = 1;
   while (tiles * splits * 5 < capacity * 4 && stages / (splits + 1) >= 1024 / stage_k) ++splits;
   stages_per_split = (stages + splits - 1) / splits;
-  return dim3(unsigned(batch_tiles), unsigned(feature_tiles), unsigned((stages + stages_per_split - 1) / stages_per_split));
+  const int64_t used_splits = (stages + stages_per_split - 1) / stages_per_split;
+  return dim3(unsigned(batch_tiles), unsigned(feature_tiles), unsigned(used_splits));
 }
 
 // Runs launch(partial) with partial = the fp32 workspace cleared when the grid splits k

@@ -12,6 +12,8 @@
 
 #include <cstdint>
 
+#include "common.cuh"
+
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FP4_WGMMA_DEVICE 1
 #endif
@@ -53,6 +55,28 @@ template <int R>
 __device__ __forceinline__ void pin(float (&d)[R]) {
 #pragma unroll
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Stores one warp's share of an m64nNk16 accumulator (R = N / 2 values, layout above): the warp's
+// rows are output features row0 + [0, 16), the columns batch rows batch0 + [0, N) of y [m, n];
+// rows past n and columns past m are skipped. With `partial` the values are added into that fp32
+// workspace (k split across blocks; bias comes later), else bias is added and y written.
+template <typename T, int R>
+__device__ __forceinline__ void store_accumulators(const float (&d)[R], int64_t row0, int64_t batch0, int64_t m,
+                                                   int64_t n, const T* bias, T* y, float* partial) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int64_t f = row0 + g + 8 * ((i / 2) % 2);
+    const int64_t b = batch0 + 8 * (i / 4) + 2 * t + i % 2;
+    if (f >= n || b >= m) continue;
+    if (partial != nullptr) {
+      atomicAdd(partial + b * n + f, d[i]);
+    } else {
+      const float bv = bias ? load_as_float(bias + f) : 0.0f;
+      y[b * n + f] = store_from_float<T>(d[i] + bv);
+    }
+  }
 }
 
 // d += A x B for one k16 step: A from registers, B from the descriptor (not transposed). The
