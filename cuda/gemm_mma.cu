@@ -229,8 +229,8 @@ int resident_blocks(int device) {
   static std::atomic<int> cached[64];  // (threads may race to fill it: they store the same value)
   if (device >= 0 && device < 64 && cached[device].load() > 0) return cached[device].load();
   constexpr size_t smem = TileConfig<NT>::kSmemBytes;
-  auto* kernel = gemm_mma_kernel<T, NT, kBlock64, kNested>;
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)), "cudaFuncSetAttribute");
+  constexpr auto kernel = gemm_mma_kernel<T, NT, kBlock64, kNested>;
+  allow_dynamic_smem<kernel>(device, smem);
   int resident = 0;
   check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, TileConfig<NT>::kThreads, smem),
         "cudaOccupancyMaxActiveBlocksPerMultiprocessor");

@@ -330,7 +330,7 @@ bool gemm_4bit_wgmma_supports(int64_t n, int64_t k, int64_t blocksize, const fp4
 void gemm_4bit_wgmma(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m, int64_t k,
                      const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
                      void* y, float* workspace);
-// Its warp-specialized form for batch > 64 (gemm_wgmma_ws.cu), called by gemm_4bit_wgmma.
+// Its warp-specialized form for batch > 128 (gemm_wgmma_ws.cu), called by gemm_4bit_wgmma.
 void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m,
                         int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize,
                         const void* bias, void* y, float* workspace);

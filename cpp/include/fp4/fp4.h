@@ -117,7 +117,7 @@ FP4_API fp4_status fp4_linear_4bit(const fp4_exec* exec, fp4_quant_type quant_ty
                                    int64_t blocksize, const void* bias, void* y);
 
 /* The same product on tensor cores (CUDA, float16/bfloat16 x and y), for any batch m: reads the
- * 4-bit weight once per tile of batch rows (16 to 128), dequantizes in registers. Needs k % 128 == 0,
+ * 4-bit weight once per tile of batch rows (16 to 256), dequantizes on the fly. Needs k % 128 == 0,
  * x and packed 16-byte aligned (FP4_ERROR_NOT_SUPPORTED otherwise). Small batches split k across
  * blocks and meet in `workspace`: fp4_gemm_4bit_workspace_size(m, n) bytes of device memory on
  * exec's device (contents are scratch; NULL is allowed only when that size is 0). */
@@ -129,7 +129,7 @@ FP4_API fp4_status fp4_gemm_4bit(const fp4_exec* exec, fp4_quant_type quant_type
 
 /* 1 when fp4_gemm_4bit multiplies batches > 16 with Hopper warpgroup MMA on CUDA device
  * `device_index` (an sm_90 GPU, a library built for sm_90a: see fp4_cuda_archs) for k % 256 == 0 and
- * blocksize >= 64; it then beats dequantize + dense GEMM up to batch ~256 (measured on the H100).
+ * blocksize >= 64; it then beats dequantize + dense GEMM up to batch ~512 (measured on the H100).
  * 0 otherwise. */
 FP4_API int fp4_gemm_4bit_uses_wgmma(int device_index);
 
