@@ -81,13 +81,23 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float* d, const uint32_t
 // strides are multiples of 8 units).
 __device__ __forceinline__ int x_unit(int row, int unit) { return unit ^ (row & 1); }
 
+// (shared-memory operands as generic pointers or as shared-window addresses)
+__device__ __forceinline__ void cp_async16(uint32_t smem_window, const void* global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_window), "l"(global));
+}
 __device__ __forceinline__ void cp_async16(void* smem, const void* global) {
-  const unsigned dst = unsigned(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global));
+  cp_async16(uint32_t(__cvta_generic_to_shared(smem)), global);
+}
+__device__ __forceinline__ void cp_async4(uint32_t smem_window, const void* global) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_window), "l"(global));
 }
 __device__ __forceinline__ void cp_async4(void* smem, const void* global) {
-  const unsigned dst = unsigned(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(global));
+  cp_async4(uint32_t(__cvta_generic_to_shared(smem)), global);
+}
+__device__ __forceinline__ uint32_t ld_shared_u32(uint32_t smem_window) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(smem_window) : "memory");
+  return v;
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N>
@@ -214,11 +224,12 @@ inline bool paired_scales_ok(const fp4_scales& scales, int64_t blocksize) {
 
 // Calls launch(T*, NT tag, nested tag, paired tag) with compile-time types for the kernel variant:
 // the element type, the n8 tiles per warp (kNarrow for m <= narrow_max_m, else kWide), nested
-// statistics or not, and paired scale loads or not.
+// statistics or not, and paired scale loads or not (never where the kernel's own conditions for them,
+// paired_allowed, fail).
 template <int kNarrow, int kWide, typename Launch>
 void dispatch_variant(fp4_dtype dtype, int64_t m, int64_t narrow_max_m, const fp4_scales& scales, int64_t blocksize,
-                      Launch&& launch) {
-  const bool paired = paired_scales_ok(scales, blocksize);
+                      Launch&& launch, bool paired_allowed = true) {
+  const bool paired = paired_allowed && paired_scales_ok(scales, blocksize);
   auto with_paired = [&](auto* tag, auto nt, auto nested) {
     if (paired)
       launch(tag, nt, nested, std::true_type());

@@ -146,13 +146,53 @@ def test_gemm_large_k_and_split_k():
         _check(layer, torch.randn(batch, 8192, device="cuda", dtype=torch.float16), "gemm")
 
 
+@pytest.mark.parametrize("in_features", [1152, 1280])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
 @pytest.mark.parametrize("batch", [3, 12])
-def test_gemm_stream_ranges_cross_tiles(batch, double_quant):
-    """Batch <= 16 walks (feature tile, k) ranges per block: 33 tiles x 5 stages (the last holding
-    one chunk) over fewer blocks, so ranges start and end inside tiles and flush partial sums."""
-    layer = _layer(8208, 1152, torch.float16, "nf4", double_quant)  # 8208 = 32 tiles + 16 rows
-    _check(layer, torch.randn(batch, 1152, device="cuda", dtype=torch.float16), "gemm")
+def test_gemm_stream_ranges_cross_tiles(batch, double_quant, in_features):
+    """Batch <= 16 walks (feature tile, k) ranges per block: 33 tiles x 5 stages over fewer blocks,
+    so ranges start and end inside tiles and flush partial sums. k = 1152 ends each row with a
+    one-chunk stage (scales loaded to registers); k = 1280 has whole stages, whose scales travel
+    through the shared-memory ring."""
+    layer = _layer(8208, in_features, torch.float16, "nf4", double_quant)  # 8208 = 32 tiles + 16 rows
+    _check(layer, torch.randn(batch, in_features, device="cuda", dtype=torch.float16), "gemm")
+
+
+def _nested_args(layer, nested_blocksize):
+    """The layer's fp32 block scales re-quantized to 8-bit codes in groups of nested_blocksize,
+    and the fp32 scales those codes decode to (bitsandbytes' order: code * group absmax + mean)."""
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    absmax = args.scales
+    offset = absmax.mean()
+    centered = absmax - offset
+    groups = -(-absmax.numel() // nested_blocksize)
+    padded = torch.zeros(groups * nested_blocksize, device="cuda")
+    padded[: absmax.numel()] = centered.abs()
+    group_absmax = padded.view(groups, nested_blocksize).amax(1).clamp_min(1e-12)
+    nested_code = fp4.FP4Linear.from_linear(nn.Linear(64, 64), "nf4", 64, True).quant_state.state2.code.cuda()
+    group_of = torch.arange(absmax.numel(), device="cuda") // nested_blocksize
+    normalized = centered / group_absmax[group_of]
+    codes = (normalized[:, None] - nested_code[None, :]).abs().argmin(1).to(torch.uint8)
+    decoded = nested_code[codes.long()] * group_absmax[group_of] + offset
+    nested = ops.KernelArgs(args.codes, codes, "nf4", 64, (layer.out_features, layer.in_features),
+                            nested_absmax=group_absmax, nested_code=nested_code,
+                            nested_offset=offset.reshape(1), nested_blocksize=nested_blocksize)
+    return nested, decoded
+
+
+@pytest.mark.parametrize("nested_blocksize", [256, 100, 6, 7])
+def test_gemm_stream_nested_group_sizes(nested_blocksize):
+    """Nested groups of any size, also ones that are not powers of two (division instead of a
+    shift) and ones a stage's 4 blocks can straddle (6, 7: scales loaded to registers)."""
+    layer = _layer(528, 1280, torch.float16, "nf4", False)
+    args, scales = _nested_args(layer, nested_blocksize)
+    weight = torch.empty(528, 1280, device="cuda")
+    fp4.functional.dequantize_4bit(layer.weight, absmax=scales, out=weight, blocksize=64, quant_type="nf4")
+    for batch in (1, 5, 16):
+        x = torch.randn(batch, 1280, device="cuda", dtype=torch.float16)
+        y = ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm")
+        reference = x.float() @ weight.to(torch.float16).float().t() + layer.bias.float()
+        assert (y.float() - reference).abs().max().item() <= 4e-3 * reference.abs().max().item()
 
 
 def test_gemm_unaligned_absmax_takes_the_unpaired_path():
