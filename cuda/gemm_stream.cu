@@ -8,8 +8,9 @@
 // short-lived blocks pay a pipeline fill, a drain and a pair-table build each. So batch <= 16 runs
 // one block of 16 warps per SM (one pair table) with a 4-stage ring (3 stages, 96 KB, in flight per
 // SM), and each block walks a contiguous range of the flattened (feature tile, stage) space,
-// flushing its sums to the fp32 workspace whenever the tile changes. Activations are read through
-// L1 (every warp of the block reads the same ones). The mma runs on unscaled codes when blocksize
+// flushing its sums to the fp32 workspace whenever the tile changes. Batch <= 8 reads activations
+// through L1 (every warp of the block reads the same ones); batch 9-16 copies each stage's slice
+// once per block into shared memory (see kSharedX). The mma runs on unscaled codes when blocksize
 // is 64 (the block scale multiplies each 64-column partial sum once), and those scales travel by
 // cp.async with their stage's weights into spare shared memory (one copy per lane and stage instead
 // of eight loads into a register ring: batch 16 on (28672, 8192) 88 -> 83 us).
@@ -32,9 +33,46 @@ struct StreamConfig {
   static constexpr size_t kRingBytes = size_t(kStages) * kWarps * kWarpStageBytes;
   // Pair table rows of 256 bytes (lanes use the first 128): a byte's offset is one permute.
   static constexpr size_t kTableBytes = 256 * 256;
-  static constexpr size_t kSmemBytes = kTableBytes + kCodeBytes + kRingBytes;
+  // Batch 9-16: each stage's activation slice (16 rows x 256 columns) is copied once per block, warp
+  // w copying row w, into a ring of its own with kStages - 1 stages of slack between the fastest
+  // and slowest warp (every warp reads all of it: read through L1/L2 by each warp, (28672, 8192)
+  // took 80.5 us at batch 16, now 68.1). FULL[slot] completes when all threads' copies have landed,
+  // EMPTY[slot] when every warp is done with it.
+  static constexpr bool kSharedX = NT == 2;
+  static constexpr int kXSlots = 2 * kStages - 1;
+  static constexpr int kXRowBytes = kSpan * kChunk * 2;
+  static constexpr size_t kXBytes = kSharedX ? size_t(kXSlots) * 16 * kXRowBytes : 0;
+  static constexpr size_t kBarrierBytes = kSharedX ? 2 * kXSlots * sizeof(uint64_t) : 0;
+  static constexpr size_t kSmemBytes = kTableBytes + kCodeBytes + kRingBytes + kXBytes + kBarrierBytes;
   static_assert(kWarpStageBytes == kRows * kRowBytes, "a warp stage is its rows x bytes per row");
+  static_assert(!kSharedX || (kWarps == 16 && kXRowBytes == 32 * 16), "warp w copies x row w, lane l its unit l");
 };
+
+// The activation ring's barriers (mbarrier: PTX 7.0, sm_80), by shared-window address.
+__device__ __forceinline__ void barrier_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void barrier_arrive(uint32_t bar) {
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared.b64 state, [%0];\n}" ::"r"(bar) : "memory");
+}
+// Arrives once this thread's cp.async copies issued so far have landed.
+__device__ __forceinline__ void barrier_arrive_on_copies(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t parity) {
+  asm volatile("{\n.reg .pred done;\nWAIT:\nmbarrier.test_wait.parity.shared.b64 done, [%0], %1;\n@!done bra WAIT;\n}" ::"r"(
+                   bar),
+               "r"(parity)
+               : "memory");
+}
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t smem_window) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(smem_window)
+               : "memory");
+  return v;
+}
 
 // kBlock64: blocksize 64 with k % 256 == 0 (scales through the ring, see gemm_4bit_stream).
 template <typename T, int NT, bool kBlock64, bool kNested>
@@ -50,7 +88,14 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
   float* const codes = reinterpret_cast<float*>(smem + C::kTableBytes);
   float* const nested_code = codes + 16;
   uint8_t* const ring = smem + C::kTableBytes + kCodeBytes;
-  build_pair_table<T, 256, kNested>(table, codes, code, scales);
+  const uint32_t x_ring = uint32_t(__cvta_generic_to_shared(ring + C::kRingBytes));
+  const uint32_t x_full = x_ring + uint32_t(C::kXBytes), x_empty = x_full + C::kXSlots * sizeof(uint64_t);
+  if constexpr (C::kSharedX) {
+    if (threadIdx.x == 0)
+      for (int s = 0; s < C::kXSlots; ++s)
+        barrier_init(x_full + s * 8, C::kThreads), barrier_init(x_empty + s * 8, C::kWarps);
+  }
+  build_pair_table<T, 256, kNested>(table, codes, code, scales);  // (its barrier orders the inits)
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
@@ -138,6 +183,14 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
             load_chunk_scales<kBlock64, kNested>(scales, scale_elem[r], min(c0 + j, chunks - 1), t, blocksize_log2,
                                                  nested_log2, sraw[slot][r][j], sgroup[slot][r][j]);
       }
+      if constexpr (C::kSharedX) {  // x row `warp` (if in the batch), 16-byte unit `lane` of the stage
+        const int u = int(issued - begin), xs = u % C::kXSlots;
+        if (u >= C::kXSlots) barrier_wait(x_empty + xs * 8, uint32_t(u / C::kXSlots - 1) & 1);
+        if (warp < m && c0 * kChunk + lane * 8 < k)
+          cp_async16(x_ring + uint32_t(xs * 16 + warp) * C::kXRowBytes + ((lane ^ (warp & 7)) * 16),
+                     x + warp * k + c0 * kChunk + lane * 8);
+        barrier_arrive_on_copies(x_full + xs * 8);
+      }
       ++issued;
       issue_c0 += kSpan;
       if (issue_c0 >= chunks && issued < end) {
@@ -160,6 +213,8 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
     const uint8_t* stage = warp_ring + slot * kStageStride;
     // kBlock64: rows g and g + 8's 4 block codes (byte 2j + h) and group absmax, or their absmax.
     const uint32_t scales_here = kBlock64 ? scale_slot(slot) : 0;
+    const int x_slot = int(gs - begin) % C::kXSlots;
+    if constexpr (C::kSharedX) barrier_wait(x_full + x_slot * 8, uint32_t(int(gs - begin) / C::kXSlots) & 1);
     uint32_t block_codes[2] = {0, 0};
     float group_absmax[2] = {0.0f, 0.0f};
     if constexpr (kBlock64 && kNested) {
@@ -180,9 +235,15 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
         for (int nt = 0; nt < NT; ++nt) {
           const int64_t b = nt * 8 + g;
 #pragma unroll
-          for (int u = 0; u < 2; ++u)
-            xu[nt][u] = b < m ? __ldg(reinterpret_cast<const uint4*>(x_lane + nt * 8 * k + c * kChunk + 64 * h) + u)
-                              : make_uint4(0, 0, 0, 0);
+          for (int u = 0; u < 2; ++u) {
+            if constexpr (C::kSharedX) {  // (rows past the batch hold stale values: their sums are never stored)
+              const int unit = 16 * j + 8 * h + 2 * t + u, row = nt * 8 + g;
+              xu[nt][u] = ld_shared_v4(x_ring + uint32_t(x_slot * 16 + row) * C::kXRowBytes + ((unit ^ (row & 7)) * 16));
+            } else {
+              xu[nt][u] = b < m ? __ldg(reinterpret_cast<const uint4*>(x_lane + nt * 8 * k + c * kChunk + 64 * h) + u)
+                                : make_uint4(0, 0, 0, 0);
+            }
+          }
         }
         float sc[2];
         uint32_t sc_pair[2];
@@ -236,6 +297,10 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
             for (int i = 0; i < 4; ++i) acc[nt][i] = __fmaf_rn(sc[i / 2], part[nt][i], acc[nt][i]);
         }
       }
+    }
+    if constexpr (C::kSharedX) {  // this warp is done with the stage's activations
+      __syncwarp();
+      if (lane == 0) barrier_arrive(x_empty + x_slot * 8);
     }
     // The tile ends here (or the block's range does): add this warp's sums to the workspace.
     c0 += kSpan;
