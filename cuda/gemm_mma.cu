@@ -274,8 +274,9 @@ void gemm_4bit(const fp4_exec& exec, fp4_quant_type type, const void* x, fp4_dty
                void* y, void* workspace) {
   const Code16 code = code16_of(type);
   float* ws = static_cast<float*>(workspace);
-  if (m <= 16) return gemm_4bit_stream(exec, code, dtype, x, m, k, packed, scales, n, blocksize, bias, y, ws);
-  if (gemm_4bit_wgmma_available(exec.device_index) && gemm_4bit_wgmma_supports(n, k, blocksize, scales))
+  if (m <= 16 && gemm_4bit_stream_fits(exec.device_index, m))
+    return gemm_4bit_stream(exec, code, dtype, x, m, k, packed, scales, n, blocksize, bias, y, ws);
+  if (m > 16 && gemm_4bit_wgmma_available(exec.device_index) && gemm_4bit_wgmma_supports(n, k, blocksize, scales))
     return gemm_4bit_wgmma(exec, code, dtype, x, m, k, packed, scales, n, blocksize, bias, y, ws);
   const int log2 = log2_of(blocksize);
   // (batches past 64 take the wide tile; grid.z covers them)

@@ -16,6 +16,8 @@
 // of eight loads into a register ring: batch 16 on (28672, 8192) 88 -> 83 us).
 #include "mma_4bit.cuh"
 
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 namespace fp4::cuda {
@@ -358,6 +360,13 @@ void launch_stream(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const
 }
 
 }  // namespace
+
+bool gemm_4bit_stream_fits(int device, int64_t m) {
+  if (const char* forced = std::getenv("FP4_CUDA_STREAM"); forced && std::strcmp(forced, "0") == 0)
+    return false;  // testing: the path of devices without room for it
+  const size_t needed = m <= 8 ? StreamConfig<1>::kSmemBytes : StreamConfig<2>::kSmemBytes;
+  return max_block_smem(device) >= needed;
+}
 
 void gemm_4bit_stream(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m, int64_t k,
                       const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,

@@ -262,16 +262,24 @@ __global__ void finish_kernel(const float* __restrict__ partial, int64_t m, int6
     y[i] = store_from_float<T>(partial[i] + (bias ? load_as_float(bias + i % n) : 0.0f));
 }
 
-// Multiprocessors on `device`, cached (the query costs microseconds per launch).
-inline int sm_count(int device) {
+// A device attribute, cached per device (the query costs microseconds per launch).
+template <cudaDeviceAttr kAttribute>
+int device_attribute(int device, int fallback) {
   static std::atomic<int> cached[64];  // (threads may race to fill it: they store the same value)
-  if (device < 0 || device >= 64) return 132;
+  if (device < 0 || device >= 64) return fallback;
   if (cached[device].load() == 0) {
-    int count = 0;
-    check(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-    cached[device].store(count);
+    int value = 0;
+    check(cudaDeviceGetAttribute(&value, kAttribute, device), "cudaDeviceGetAttribute");
+    cached[device].store(value);
   }
   return cached[device].load();
+}
+// Multiprocessors on `device`.
+inline int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device, 132); }
+// The most dynamic shared memory one block may opt into on `device` (227 KB on sm_90, 163 KB on
+// sm_80, 99 KB on sm_86 / sm_89).
+inline size_t max_block_smem(int device) {
+  return size_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device, 0));
 }
 
 // Raises kKernel's dynamic shared-memory limit to `bytes` on `device`, once per device (the call
@@ -330,7 +338,10 @@ void with_partial_sums(bool split, float* workspace, int64_t m, int64_t n, const
   }
 }
 
-// The small-batch kernel (gemm_stream.cu): m <= 16, fp16/bf16, k % 128 == 0.
+// The small-batch kernel (gemm_stream.cu): m <= 16, fp16/bf16, k % 128 == 0, on devices whose
+// blocks can hold its shared memory (gemm_4bit_stream_fits; 193-201 KB, so sm_90: the others take
+// the tiled kernel, as does FP4_CUDA_STREAM=0 for tests).
+bool gemm_4bit_stream_fits(int device, int64_t m);
 void gemm_4bit_stream(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m, int64_t k,
                       const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
                       void* y, float* workspace);

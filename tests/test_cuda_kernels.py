@@ -158,6 +158,16 @@ def test_gemm_stream_ranges_cross_tiles(batch, double_quant, in_features):
     _check(layer, torch.randn(batch, in_features, device="cuda", dtype=torch.float16), "gemm")
 
 
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("batch", [1, 5, 9, 16])
+def test_small_batches_without_room_for_the_stream_kernel(monkeypatch, batch, double_quant):
+    """Devices whose blocks cannot hold the stream kernel's ~200 KB of shared memory (sm_80, 86, 89)
+    give batch <= 16 to the tiled kernel; FP4_CUDA_STREAM=0 takes that path on any device."""
+    monkeypatch.setenv("FP4_CUDA_STREAM", "0")
+    layer = _layer(400, 640, torch.bfloat16, "nf4", double_quant)
+    _check(layer, torch.randn(batch, 640, device="cuda", dtype=torch.bfloat16), "gemm")
+
+
 def _nested_args(layer, nested_blocksize):
     """The layer's fp32 block scales re-quantized to 8-bit codes in groups of nested_blocksize,
     and the fp32 scales those codes decode to (bitsandbytes' order: code * group absmax + mean)."""
