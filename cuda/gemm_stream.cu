@@ -51,29 +51,21 @@ struct StreamConfig {
 };
 
 // The activation ring's barriers (mbarrier: PTX 7.0, sm_80), by shared-window address.
-__device__ __forceinline__ void barrier_init(uint32_t bar, uint32_t count) {
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
 }
-__device__ __forceinline__ void barrier_arrive(uint32_t bar) {
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
   asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared.b64 state, [%0];\n}" ::"r"(bar) : "memory");
 }
 // Arrives once this thread's cp.async copies issued so far have landed.
-__device__ __forceinline__ void barrier_arrive_on_copies(uint32_t bar) {
+__device__ __forceinline__ void mbarrier_arrive_on_copies(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" ::"r"(bar) : "memory");
 }
-__device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t parity) {
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
   asm volatile("{\n.reg .pred done;\nWAIT:\nmbarrier.test_wait.parity.shared.b64 done, [%0], %1;\n@!done bra WAIT;\n}" ::"r"(
                    bar),
                "r"(parity)
                : "memory");
-}
-__device__ __forceinline__ uint4 ld_shared_v4(uint32_t smem_window) {
-  uint4 v;
-  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(smem_window)
-               : "memory");
-  return v;
 }
 
 // kBlock64: blocksize 64 with k % 256 == 0 (scales through the ring, see gemm_4bit_stream).
@@ -95,7 +87,7 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
   if constexpr (C::kSharedX) {
     if (threadIdx.x == 0)
       for (int s = 0; s < C::kXSlots; ++s)
-        barrier_init(x_full + s * 8, C::kThreads), barrier_init(x_empty + s * 8, C::kWarps);
+        mbarrier_init(x_full + s * 8, C::kThreads), mbarrier_init(x_empty + s * 8, C::kWarps);
   }
   build_pair_table<T, 256, kNested>(table, codes, code, scales);  // (its barrier orders the inits)
 
@@ -187,11 +179,11 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
       }
       if constexpr (C::kSharedX) {  // x row `warp` (if in the batch), 16-byte unit `lane` of the stage
         const int u = int(issued - begin), xs = u % C::kXSlots;
-        if (u >= C::kXSlots) barrier_wait(x_empty + xs * 8, uint32_t(u / C::kXSlots - 1) & 1);
+        if (u >= C::kXSlots) mbarrier_wait(x_empty + xs * 8, uint32_t(u / C::kXSlots - 1) & 1);
         if (warp < m && c0 * kChunk + lane * 8 < k)
           cp_async16(x_ring + uint32_t(xs * 16 + warp) * C::kXRowBytes + ((lane ^ (warp & 7)) * 16),
                      x + warp * k + c0 * kChunk + lane * 8);
-        barrier_arrive_on_copies(x_full + xs * 8);
+        mbarrier_arrive_on_copies(x_full + xs * 8);
       }
       ++issued;
       issue_c0 += kSpan;
@@ -216,7 +208,7 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
     // kBlock64: rows g and g + 8's 4 block codes (byte 2j + h) and group absmax, or their absmax.
     const uint32_t scales_here = kBlock64 ? scale_slot(slot) : 0;
     const int x_slot = int(gs - begin) % C::kXSlots;
-    if constexpr (C::kSharedX) barrier_wait(x_full + x_slot * 8, uint32_t(int(gs - begin) / C::kXSlots) & 1);
+    if constexpr (C::kSharedX) mbarrier_wait(x_full + x_slot * 8, uint32_t(int(gs - begin) / C::kXSlots) & 1);
     uint32_t block_codes[2] = {0, 0};
     float group_absmax[2] = {0.0f, 0.0f};
     if constexpr (kBlock64 && kNested) {
@@ -302,7 +294,7 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
     }
     if constexpr (C::kSharedX) {  // this warp is done with the stage's activations
       __syncwarp();
-      if (lane == 0) barrier_arrive(x_empty + x_slot * 8);
+      if (lane == 0) mbarrier_arrive(x_empty + x_slot * 8);
     }
     // The tile ends here (or the block's range does): add this warp's sums to the workspace.
     c0 += kSpan;

@@ -99,6 +99,14 @@ __device__ __forceinline__ uint32_t ld_shared_u32(uint32_t smem_window) {
   asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(smem_window) : "memory");
   return v;
 }
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t smem_window) {
+  uint4 v;
+  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(smem_window)
+               : "memory");
+  return v;
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
