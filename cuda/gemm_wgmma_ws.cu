@@ -1,20 +1,21 @@
 // The 4-bit linear layer on Hopper (sm_90a) for batches past 128: a warp-specialized wgmma GEMM,
 // read straight from the bitsandbytes layout. As everywhere the product is computed transposed,
-// y^T = W x^T, but here both operands come from shared memory: one producer warpgroup copies the
-// 4-bit weights and their scales (cp.async) and the activations (one TMA copy per stage), and
-// decodes the weights into a bf16/fp16 tile in wgmma's 128-byte swizzle, while two consumer
-// warpgroups only multiply (m64n256k16 steps, one m64 tile of output features each). The decode
-// thus runs beside the tensor cores instead of between their instructions (gemm_wgmma.cu decodes
-// in the multiplying warps: at batch 256 its tensor cores sat idle more than half the time).
+// y^T = W x^T. One producer warpgroup only copies: the 4-bit weights and their scales (cp.async)
+// and the activations (one TMA copy per stage, in wgmma's 128-byte swizzle). Two consumer
+// warpgroups decode the weights into A fragments (one pair-table load per byte, as in
+// gemm_wgmma.cu) and multiply (m64n256k16, A from registers, B from shared memory), decoding stage i
+// while stage i - 1's multiplies run. Measured before: the producers decoding into a tile in
+// shared memory that wgmma read from there (both operands in shared memory) kept the tensor cores
+// at ~60% — the decode's table loads and tile stores competed with the multiplies' operand reads.
 //
 // A block covers 128 output features x 256 batch rows, one block per SM, 64 columns of k per
-// stage. Producer thread p owns feature row p: it copies that row's 32 bytes and its scale per
-// stage, so its decode waits on its own copies only. Stage hand-off uses named barriers: FULL[slot]
-// (producers arrive once the stage's copies have landed and its decoded tile is stored; consumers
-// wait, then wait for the slot's TMA mbarrier) and EMPTY[slot] (consumers arrive once the
-// multiplies that read the slot are retired; producers wait before refilling it). k is split
-// across blockIdx.z only to give most SMs a block (partial sums meet in the fp32 workspace).
-// Measurements and what was tried: docs/perf-log.md.
+// stage. Producer thread p copies feature row p's 32 bytes and its scale per stage; its copies
+// complete the slot's mbarrier (cp.async arrivals), and the activation tile's TMA copy a second
+// one, which the consumers wait on (each warpgroup on its own: no barrier couples the two). EMPTY
+// [slot], a named barrier, tells the producers that the multiplies that read a slot are retired.
+// The producers give most of their registers to the consumers (setmaxnreg): 128 accumulators and
+// two stages of fragments per thread. k is split across blockIdx.z only to give most SMs a block
+// (partial sums meet in the fp32 workspace). Measurements and what was tried: docs/perf-log.md.
 #include "build_config.h"
 #include "kernels.hpp"
 #include "mma_4bit.cuh"
@@ -30,29 +31,24 @@ namespace {
 
 struct WsConfig {
   static constexpr int kBatchRows = 256;  // batch rows per block (the m64n256k16 multiply's N)
-  static constexpr int kThreads = 384;    // warpgroup 0 produces, 1 and 2 multiply
+  static constexpr int kThreads = 384;    // warpgroup 0 copies, 1 and 2 decode and multiply
   static constexpr int kProducers = 128;
   static constexpr int kTileRows = 128;  // output features per block: one m64 tile per consumer
   static constexpr int kStageK = 64;     // k columns per stage: one swizzle atom
-  static constexpr int kStages = 4;      // ring slots (as many as shared memory holds)
-  // Stages between the multiply and the refill of a slot: with 2 the producers may decode stage
-  // i + 1 while stages i - 1 and i are multiplied (with 1 they waited for i - 1 to retire);
-  // decoded tiles are kept for kLag + 1 stages.
-  static constexpr int kLag = 2;
-  static constexpr int kDecodedSlots = kLag + 1;
-  static constexpr size_t kXStageBytes = size_t(kBatchRows) * 128;  // rows of 64 16-bit values
-  static constexpr size_t kAStageBytes = size_t(kTileRows) * 128;   // the decoded weight tile
-  static constexpr size_t kWStageBytes = size_t(kTileRows) * 32;    // the 4-bit weights
+  static constexpr int kStages = 4;      // ring slots
+  static constexpr size_t kXStageBytes = size_t(kBatchRows) * 128;   // rows of 64 16-bit values
+  static constexpr size_t kWStageBytes = size_t(kTileRows) * 32;     // the 4-bit weights
   static constexpr size_t kSStageBytes = size_t(kTileRows) * 2 * 4;  // scale words (+ nested group absmax)
-  // Pair-table rows of 64 bytes, 16 copies (a 16 KB table, to fit a third decoded tile).
-  static constexpr int kTableRow = 64;
-  static constexpr size_t kTableBytes = 256 * kTableRow;
+  // Pair-table rows of 128 bytes: one copy per lane, so the lookups never conflict on banks.
+  static constexpr size_t kTableBytes = 256 * 128;
+  // Registers per thread after the hand-over (setmaxnreg): the consumers hold 128 accumulators and
+  // two stages of A fragments; the producers only addresses. 128 x 40 + 256 x 232 <= 64K.
+  static constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
   // (+1024: the rings are aligned to 1024 bytes by hand)
-  static constexpr size_t kSmemBytes = 1024 + kStages * (kXStageBytes + kWStageBytes + kSStageBytes) +
-                                       kDecodedSlots * kAStageBytes + kTableBytes + kCodeBytes +
-                                       kStages * sizeof(uint64_t);
+  static constexpr size_t kSmemBytes = 1024 + kStages * (kXStageBytes + kWStageBytes + kSStageBytes) + kTableBytes +
+                                       kCodeBytes + 2 * kStages * sizeof(uint64_t);
   static_assert(kSmemBytes <= 227 * 1024, "one block per SM");
-  static_assert(1 + 2 * kStages <= 16, "named barriers: 0 for __syncthreads, FULL and EMPTY per slot");
+  static_assert(1 + kStages <= 16, "named barriers: 0 for __syncthreads, EMPTY per slot");
 };
 
 // Named barriers between the producer and the consumer warpgroups (all 384 threads take part: the
@@ -60,7 +56,8 @@ struct WsConfig {
 __device__ __forceinline__ void barrier_sync(int id) { asm volatile("bar.sync %0, 384;" ::"r"(id) : "memory"); }
 __device__ __forceinline__ void barrier_arrive(int id) { asm volatile("bar.arrive %0, 384;" ::"r"(id) : "memory"); }
 
-// The activation tile's arrival: one mbarrier per ring slot, completed by the bytes of a TMA copy.
+// A ring slot's arrival: mbarriers completed by the bytes of the activations' TMA copy and by the
+// weight and scale copies of the producer threads.
 // (sm_90 instructions: like wgmma they exist only in the sm_90a code, FP4_WGMMA_DEVICE)
 #ifdef FP4_WGMMA_DEVICE
 #define FP4_SM90_ONLY(...) __VA_ARGS__
@@ -68,8 +65,14 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) { return uint3
 #else
 #define FP4_SM90_ONLY(...) __trap()
 #endif
-__device__ __forceinline__ void mbarrier_init(uint64_t* bar) {
-  FP4_SM90_ONLY(asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(bar)) : "memory"));
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
+  FP4_SM90_ONLY(
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(count) : "memory"));
+}
+// Arrives on `bar` once this thread's cp.async copies issued so far have landed.
+__device__ __forceinline__ void mbarrier_arrive_on_copies(uint64_t* bar) {
+  FP4_SM90_ONLY(asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(shared_address(bar))
+                             : "memory"));
 }
 __device__ __forceinline__ void mbarrier_expect(uint64_t* bar, uint32_t bytes) {
   FP4_SM90_ONLY(asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)),
@@ -92,11 +95,26 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(shared_address(bar))
       : "memory"));
 }
+// Hands registers between the warpgroups (every warp of a warpgroup executes the same one).
+template <int kRegisters>
+__device__ __forceinline__ void registers_down() {
+  FP4_SM90_ONLY(asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kRegisters)));
+}
+template <int kRegisters>
+__device__ __forceinline__ void registers_up() {
+  FP4_SM90_ONLY(asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegisters)));
+}
 
-// The 16-byte piece q of producer p's weight row in a ring slot: rows of 32 bytes, the pieces of
-// rows 4-7 of every 8 swapped so one 16-byte load of 8 rows touches 8 different bank groups.
+// The 16-byte piece q of weight row p in a ring slot: rows of 32 bytes, the pieces of rows 4-7 of
+// every 8 swapped so one 16-byte load of 8 rows touches 8 different bank groups.
 __device__ __forceinline__ int weight_piece(int p, int q) { return p * 32 + ((q ^ ((p >> 2) & 1)) << 4); }
 
+// Keeps A-fragment registers allocated until this point: a wgmma reads them asynchronously, so they
+// must not be reused before the wait that retires it (placed after that wait).
+__device__ __forceinline__ void keep(const uint32_t (&a)[4][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) asm volatile("" ::"r"(a[j][0]), "r"(a[j][1]), "r"(a[j][2]), "r"(a[j][3]));
+}
 template <typename T, bool kNested>
 __global__ void __launch_bounds__(WsConfig::kThreads, 1)
     gemm_wgmma_ws_kernel(const __grid_constant__ CUtensorMap x_map, int64_t m, int64_t k,
@@ -104,22 +122,22 @@ __global__ void __launch_bounds__(WsConfig::kThreads, 1)
                          int blocksize_log2, Code16 code, int64_t stages_per_split, const T* __restrict__ bias,
                          T* __restrict__ y, float* __restrict__ partial) {
   using C = WsConfig;
-  constexpr int BN = C::kBatchRows, S = C::kStages, kLag = C::kLag;
+  constexpr int BN = C::kBatchRows, S = C::kStages;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   extern __shared__ __align__(16) uint8_t smem_raw[];
   // (an offset from smem_raw, not an integer cast, keeps the pointers in the shared address space)
   uint8_t* const xring = smem_raw + ((1024 - (uint32_t(__cvta_generic_to_shared(smem_raw)) & 1023)) & 1023);
-  uint8_t* const aring = xring + S * C::kXStageBytes;  // decoded tiles (1024-aligned: BN * 128 is)
-  uint8_t* const wring = aring + C::kDecodedSlots * C::kAStageBytes;
+  uint8_t* const wring = xring + S * C::kXStageBytes;
   uint8_t* const sring = wring + S * C::kWStageBytes;
   uint8_t* const table = sring + S * C::kSStageBytes;
   float* const codes = reinterpret_cast<float*>(table + C::kTableBytes);
   uint64_t* const x_arrived = reinterpret_cast<uint64_t*>(codes + kCodeBytes / sizeof(float));  // [slot]
+  uint64_t* const w_arrived = x_arrived + S;                                                      // [slot]
   if (threadIdx.x == 0) {
-    for (int s = 0; s < S; ++s) mbarrier_init(x_arrived + s);
+    for (int s = 0; s < S; ++s) mbarrier_init(x_arrived + s, 1), mbarrier_init(w_arrived + s, C::kProducers);
     FP4_SM90_ONLY(asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"));
   }
-  build_pair_table<T, C::kTableRow, kNested>(table, codes, code, scales);  // (ends in a __syncthreads)
+  build_pair_table<T, 128, kNested>(table, codes, code, scales);  // (ends in a __syncthreads)
 
   const int64_t batch0 = int64_t(blockIdx.x) * BN;
   const int64_t tile_row0 = int64_t(blockIdx.y) * C::kTileRows;
@@ -127,18 +145,16 @@ __global__ void __launch_bounds__(WsConfig::kThreads, 1)
   const int64_t stage_end = min(k / C::kStageK, stage_begin + stages_per_split);
   if (stage_begin >= stage_end) return;  // (block-uniform)
   const int stages = int(stage_end - stage_begin);
-  constexpr int kFull = 1, kEmpty = 1 + S;  // barrier ids of slot 0
+  constexpr int kEmpty = 1;  // named barrier id of slot 0's EMPTY
 
   if (threadIdx.x < C::kProducers) {
-    const int p = threadIdx.x, lane = p % 32;
-    // This thread's weight row (rows past n read row n - 1 and get scale 0).
-    const int64_t feature = tile_row0 + p;
-    const bool row_valid = feature < n;
-    const int64_t row_elem = (row_valid ? feature : n - 1) * k;
+    registers_down<C::kProducerRegisters>();
+    // Thread p copies weight row p of the tile and its scale (rows past n read row n - 1; the
+    // consumers give them scale 0); thread 0 also the activation tile, by TMA.
+    const int p = threadIdx.x;
+    const int64_t row_elem = min(tile_row0 + p, n - 1) * k;
     const uint8_t* const weight_src = packed + row_elem / 2;
-    const float nested_offset = kNested ? *scales.nested_offset : 0.0f;
-    // Request stage st into ring slot `slot`: one commit group per call (empty past the end), the
-    // activations by TMA.
+    // Request stage st into ring slot `slot` (nothing past the end).
     auto issue = [&](int slot, int64_t st) {
       if (st < stage_end) {
 #pragma unroll
@@ -153,102 +169,116 @@ __global__ void __launch_bounds__(WsConfig::kThreads, 1)
         } else {
           cp_async4(scale_dst, scales.absmax + block);
         }
-        if (p == 0) {  // the activation tile: one TMA copy
+        mbarrier_arrive_on_copies(w_arrived + slot);
+        if (p == 0) {
           mbarrier_expect(x_arrived + slot, uint32_t(C::kXStageBytes));
           tma_load_2d(xring + slot * C::kXStageBytes, &x_map, int(st * C::kStageK), int(batch0), x_arrived + slot);
         }
       }
-      cp_async_commit();
     };
-
-    // Decode this thread's row of stage st (ring slot `slot`) into decoded slot `aslot`: byte b of
-    // the row's 32 holds columns 2b, 2b + 1, one table pair; 4 bytes make a 16-byte unit.
-    const uint32_t copy_x16 = uint32_t(lane % 16) * 16;
-    auto decode = [&](int slot, int aslot, int64_t st) {
-      const uint8_t* const w = wring + slot * C::kWStageBytes;
-      const uint4 lo = *reinterpret_cast<const uint4*>(w + weight_piece(p, 0));
-      const uint4 hi = *reinterpret_cast<const uint4*>(w + weight_piece(p, 1));
-      const uint32_t words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-      const uint32_t* const sc = reinterpret_cast<const uint32_t*>(sring + slot * C::kSStageBytes) + p;
-      float scale = __uint_as_float(sc[0]);
-      if constexpr (kNested) {
-        const int64_t block = (row_elem + st * C::kStageK) >> blocksize_log2;
-        scale = nested_scale(codes + 16, (sc[0] >> (8 * (block & 3))) & 0xffu, __uint_as_float(sc[C::kProducers]),
-                             nested_offset);
-      }
-      const uint32_t scale_pair = Pair<T>::of(row_valid ? scale : 0.0f, row_valid ? scale : 0.0f);
-      // All 32 lookups first, then the multiplies and stores: the loads' latencies overlap
-      // (this warp is alone on its scheduler, nothing else hides them).
-      uint32_t pairs[32];
-#pragma unroll
-      for (int u = 0; u < 8; ++u)
-#pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          // byte b of the word beside the copy's offset: (byte * 256 + copy * 16) >> 2
-          const uint32_t offset = __byte_perm(words[u], copy_x16, 0x5504u | (uint32_t(b) << 4)) >> 2;
-          pairs[4 * u + b] = load_pair(table, offset);
-        }
-      uint8_t* const a = aring + aslot * C::kAStageBytes;
-#pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        uint32_t v[4];
-#pragma unroll
-        for (int b = 0; b < 4; ++b) v[b] = Pair<T>::mul(pairs[4 * u + b], scale_pair);
-        *reinterpret_cast<uint4*>(a + wgmma::sw128_offset(p, u)) = make_uint4(v[0], v[1], v[2], v[3]);
-      }
-    };
-
 #pragma unroll
     for (int s = 0; s < S; ++s) issue(s, stage_begin + s);
-    int slot = 0, aslot = 0;
-    for (int i = 0; i < stages; ++i) {
-      cp_async_wait<S - kLag - 1>();  // this thread's copies of stage i have landed
-      decode(slot, aslot, stage_begin + i);
-      wgmma::fence_proxy_async();  // (its copies and stores, before the consumers' wgmma reads)
-      barrier_arrive(kFull + slot);
-      if (i >= kLag) {
-        // Refill the slot of stage i - kLag once its multiplies are retired.
-        const int old = (slot + S - kLag) % S;
-        barrier_sync(kEmpty + old);
-        issue(old, stage_begin + i - kLag + S);
-      } else {
-        cp_async_commit();  // (one group per iteration keeps the wait count uniform)
-      }
-      slot = slot + 1 == S ? 0 : slot + 1;
-      aslot = aslot + 1 == C::kDecodedSlots ? 0 : aslot + 1;
+    // Refill each slot once the multiplies that read it are retired.
+    for (int i = 0, slot = 0; i + S < stages; ++i, slot = slot + 1 == S ? 0 : slot + 1) {
+      barrier_sync(kEmpty + slot);
+      issue(slot, stage_begin + i + S);
     }
     cp_async_wait<0>();
     return;
   }
 
-  // Consumers: warpgroup c multiplies features 64 c + [0, 64) of the tile.
-  const int c = threadIdx.x / 128 - 1;
+  // Consumers: warpgroup c decodes and multiplies features 64 c + [0, 64) of the tile; warp w of it
+  // rows 16 w + [0, 16), the lane rows g and g + 8 of those.
+  registers_up<C::kConsumerRegisters>();
+  const int c = threadIdx.x / 128 - 1, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp_row = 64 * c + 16 * ((threadIdx.x / 32) % 4);
+  const float nested_offset = kNested ? *scales.nested_offset : 0.0f;
+  int64_t row_elem[2];
+  bool row_valid[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t f = tile_row0 + warp_row + 8 * r + g;
+    row_valid[r] = f < n;
+    row_elem[r] = (row_valid[r] ? f : n - 1) * k;
+  }
+  // A byte's table offset (byte * 128 + lane * 4) is (byte * 256 + lane * 8) >> 1, the permute
+  // placing byte t of a word beside lane * 8.
+  const uint32_t pair_select = 0x5504u | (uint32_t(t) << 4);
+  const uint32_t lane_x8 = uint32_t(lane) * 8;
+
+  // Stage st's A fragments (ring slot `slot`) for the 4 k16 steps: word 2j of a row holds columns
+  // 16j + [0, 8) (byte t: 16j + 2t, + 1 -> A register 0 / 1 for row g / g + 8), word 2j + 1 columns
+  // 16j + 8 + [0, 8) (-> register 2 / 3).
+  auto decode = [&](uint32_t (&a)[4][4], int slot, int64_t st) {
+    uint32_t words[2][8];
+    uint32_t scale_pair[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp_row + 8 * r + g;
+      const uint8_t* const w = wring + slot * C::kWStageBytes;
+      const uint4 lo = *reinterpret_cast<const uint4*>(w + weight_piece(row, 0));
+      const uint4 hi = *reinterpret_cast<const uint4*>(w + weight_piece(row, 1));
+      words[r][0] = lo.x, words[r][1] = lo.y, words[r][2] = lo.z, words[r][3] = lo.w;
+      words[r][4] = hi.x, words[r][5] = hi.y, words[r][6] = hi.z, words[r][7] = hi.w;
+      const uint32_t* const sc = reinterpret_cast<const uint32_t*>(sring + slot * C::kSStageBytes) + row;
+      float scale = __uint_as_float(sc[0]);
+      if constexpr (kNested) {
+        const int64_t block = (row_elem[r] + st * C::kStageK) >> blocksize_log2;
+        scale = nested_scale(codes + 16, (sc[0] >> (8 * (block & 3))) & 0xffu, __uint_as_float(sc[C::kProducers]),
+                             nested_offset);
+      }
+      scale = row_valid[r] ? scale : 0.0f;
+      scale_pair[r] = Pair<T>::of(scale, scale);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const uint32_t offset = __byte_perm(words[r][2 * j + half], lane_x8, pair_select) >> 1;
+          a[j][r + 2 * half] = Pair<T>::mul(load_pair(table, offset), scale_pair[r]);
+        }
+  };
+
   float acc[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
-  int slot = 0, aslot = 0;
-  for (int i = 0; i < stages; ++i) {
-    barrier_sync(kFull + slot);
+  uint32_t frag[2][4][4];  // A fragments of two stages: one decoded while the other's multiplies run
+  // Stage i (ring slot `slot`, fragments frag[buf]): decode it while stage i - 1 multiplies, queue
+  // its multiplies, then retire stage i - 1's and free its slot.
+  auto step = [&](int i, int slot, auto buf) {
+    constexpr int b = decltype(buf)::value;
+    mbarrier_wait(w_arrived + slot, uint32_t(i / S) & 1);
     mbarrier_wait(x_arrived + slot, uint32_t(i / S) & 1);
-    const uint64_t desc_a = wgmma::smem_desc_sw128(aring + aslot * C::kAStageBytes + c * 64 * 128);
+    decode(frag[b], slot, stage_begin + i);
     const uint64_t desc_b = wgmma::smem_desc_sw128(xring + slot * C::kXStageBytes);
     wgmma::fence();
     wgmma::pin(acc);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) wgmma::MmaSS<BN, kBf16>::run(acc, desc_a + 2 * j, desc_b + 2 * j);
+    for (int j = 0; j < 4; ++j) wgmma::Mma<BN, kBf16>::run(acc, frag[b][j], desc_b + 2 * j);
     wgmma::commit();
     wgmma::pin(acc);
-    wgmma::wait<1>();  // stage i - 1's multiplies are retired: its slot may be refilled
+    wgmma::wait<1>();
     wgmma::pin(acc);
-    if (i >= 1 && i - 1 < stages - kLag) barrier_arrive(kEmpty + (slot + S - 1) % S);
+    keep(frag[1 - b]);  // (stage i - 1's group is retired)
+    if (i >= 1 && i - 1 + S < stages) barrier_arrive(kEmpty + (slot == 0 ? S - 1 : slot - 1));
+  };
+  // (stages is even: see launch. A conditional second step would merge two versions of the
+  // fragments and accumulators while a group is in flight, and ptxas would serialize the multiplies.)
+  int slot = 0;
+  for (int i = 0; i < stages; i += 2) {
+    step(i, slot, std::integral_constant<int, 0>());
     slot = slot + 1 == S ? 0 : slot + 1;
-    aslot = aslot + 1 == C::kDecodedSlots ? 0 : aslot + 1;
+    step(i + 1, slot, std::integral_constant<int, 1>());
+    slot = slot + 1 == S ? 0 : slot + 1;
   }
   wgmma::wait<0>();
   wgmma::pin(acc);
+  keep(frag[0]);
+  keep(frag[1]);
 
-  const int64_t warp_row0 = tile_row0 + 64 * c + 16 * ((threadIdx.x / 32) % 4);
-  wgmma::store_accumulators(acc, warp_row0, batch0, m, n, bias, y, partial);
+  wgmma::store_accumulators(acc, tile_row0 + warp_row, batch0, m, n, bias, y, partial);
 }
 
 #undef FP4_SM90_ONLY
@@ -287,8 +317,12 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
   allow_dynamic_smem<kernel>(exec.device_index, C::kSmemBytes);
   // (batch tiles vary fastest: the blocks that share a weight tile run together and read it once)
   int64_t per_split = 0;
-  const dim3 grid =
-      one_block_per_sm_grid(m, n, BN, C::kTileRows, k / C::kStageK, C::kStageK, exec.device_index, per_split);
+  const int64_t stages = k / C::kStageK;  // (even: gemm_4bit_wgmma_supports asks k % 128 == 0)
+  dim3 grid = one_block_per_sm_grid(m, n, BN, C::kTileRows, stages, C::kStageK, exec.device_index, per_split);
+  // The kernel takes its stages in pairs (one per fragment buffer): every split's count is even.
+  per_split += per_split % 2;
+  grid.z = unsigned((stages + per_split - 1) / per_split);
+  if (stages % 2 != 0) fail(FP4_ERROR_INTERNAL, "gemm_4bit warp-specialized kernel: k % 128 != 0");
   const CUtensorMap x_map = activation_map(x, std::is_same_v<T, __half> ? FP4_FLOAT16 : FP4_BFLOAT16, m, k, BN);
   cudaStream_t stream = stream_of(exec);
   with_partial_sums(grid.z > 1, workspace, m, n, bias, y, stream, [&](float* partial) {

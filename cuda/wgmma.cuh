@@ -1,10 +1,10 @@
-// Hopper warpgroup MMA (wgmma, sm_90a only) for the 4-bit GEMM (gemm_wgmma.cu). The A operand (the
-// decoded weight: 64 rows x 16 k per warpgroup) comes from registers in the per-warp fragment
-// layout of mma.sync m16n8k16 (warp w of the group holds rows 16w .. 16w + 15); the B operand (the
-// activations: N rows x 16 k, k contiguous) from shared memory through a matrix descriptor. The
-// m64nNk16 accumulator holds, per warp, rows g and g + 8 of its 16 (g = lane / 4) and for each n8
-// block j the columns 8j + 2t, 8j + 2t + 1 (t = lane % 4): d[4j], d[4j + 1] in row g, d[4j + 2],
-// d[4j + 3] in row g + 8.
+// Hopper warpgroup MMA (wgmma, sm_90a only) for the 4-bit GEMMs (gemm_wgmma.cu, gemm_wgmma_ws.cu).
+// The A operand (the decoded weight: 64 rows x 16 k per warpgroup) comes from registers in the
+// per-warp fragment layout of mma.sync m16n8k16 (warp w of the group holds rows 16w .. 16w + 15);
+// the B operand (the activations: N rows x 16 k, k contiguous) from shared memory through a matrix
+// descriptor. The m64nNk16 accumulator holds, per warp, rows g and g + 8 of its 16 (g = lane / 4)
+// and for each n8 block j the columns 8j + 2t, 8j + 2t + 1 (t = lane % 4): d[4j], d[4j + 1] in row
+// g, d[4j + 2], d[4j + 3] in row g + 8.
 //
 // The instructions exist only in sm_90a device code (FP4_WGMMA_DEVICE); elsewhere these functions
 // trap. The kernels that use them are launched only where gemm_4bit_wgmma_available() says so.
@@ -142,6 +142,26 @@ struct Mma;
   FP4_WGMMA_ACC_32_63 \
   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)))
 
+#define FP4_WGMMA_M64N256K16(TYPE) \
+  FP4_WGMMA_ONLY(asm volatile( \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n" \
+  "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " {" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
+  "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n" \
+  : \
+  FP4_WGMMA_ACC_0_31, \
+  FP4_WGMMA_ACC_32_63, \
+  FP4_WGMMA_ACC_64_95, \
+  FP4_WGMMA_ACC_96_127 \
+  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)))
+
 template <>
 struct Mma<32, false> {
   static __device__ __forceinline__ void run(float (&d)[16], const uint32_t (&a)[4], uint64_t desc_b) {
@@ -184,50 +204,25 @@ struct Mma<128, true> {
   }
 };
 
-
-// d += A x B for one k16 step with both operands in shared memory (descriptors): the warp-specialized
-// kernel (gemm_wgmma_ws.cu) stores the decoded weight there (N 256 only: its one shape).
-template <int N, bool kBf16>
-struct MmaSS;
-
-#define FP4_WGMMA_SS_M64N256K16(TYPE) \
-  FP4_WGMMA_ONLY(asm volatile( \
-  "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n" \
-  "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " {" \
-  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
-  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
-  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
-  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
-  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" \
-  "}, %128, %129, p, 1, 1, 0, 0;\n}\n" \
-  : \
-  FP4_WGMMA_ACC_0_31, \
-  FP4_WGMMA_ACC_32_63, \
-  FP4_WGMMA_ACC_64_95, \
-  FP4_WGMMA_ACC_96_127 \
-  : "l"(desc_a), "l"(desc_b)))
-
 template <>
-struct MmaSS<256, false> {
-  static __device__ __forceinline__ void run(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
-    FP4_WGMMA_SS_M64N256K16("f16");
+struct Mma<256, false> {
+  static __device__ __forceinline__ void run(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b) {
+    FP4_WGMMA_M64N256K16("f16");
   }
 };
 
 template <>
-struct MmaSS<256, true> {
-  static __device__ __forceinline__ void run(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
-    FP4_WGMMA_SS_M64N256K16("bf16");
+struct Mma<256, true> {
+  static __device__ __forceinline__ void run(float (&d)[128], const uint32_t (&a)[4], uint64_t desc_b) {
+    FP4_WGMMA_M64N256K16("bf16");
   }
 };
+
 
 #undef FP4_WGMMA_M64N32K16
 #undef FP4_WGMMA_M64N64K16
 #undef FP4_WGMMA_M64N128K16
-#undef FP4_WGMMA_SS_M64N256K16
+#undef FP4_WGMMA_M64N256K16
 #undef FP4_WGMMA_ACC_0_31
 #undef FP4_WGMMA_ACC_32_63
 #undef FP4_WGMMA_ACC_64_95

@@ -11,11 +11,11 @@ fi
 if [ "$what" = tests ] || [ "$what" = sanitize ] || [ "$what" = all ]; then
   # (one -k expression: pytest keeps only the last -k it is given). racecheck also reports cuBLAS's
   # own kernels (nvjet_*, run by the dequantize + cuBLAS path): counted apart, they are not ours.
-  # racecheck does not follow the warp-specialized kernel (batch > 128; named barriers with
-  # bar.arrive, TMA mbarriers): it reports the decode's pair-table reads (LDS) as racing the table
-  # fill (STS) that a __syncthreads orders before them, and under it that kernel has returned wrong
-  # sums twice, in 2 of 3 runs (never without it: the test suite, 850 repeated calls, synccheck
-  # clean). Its tests get memcheck and synccheck instead.
+  # racecheck did not follow the warp-specialized kernel (batch > 128; named barriers with
+  # bar.arrive, mbarriers): it reported the pair-table reads (LDS) as racing the table fill (STS)
+  # that a __syncthreads orders before them, and under it that kernel returned wrong sums in 2 of 3
+  # runs (never without it: the test suite, 850 repeated calls, synccheck clean). Its tests get
+  # memcheck and synccheck instead.
   kernels="gemm_large or random_shapes or stream_ranges or unaligned_absmax or \
     (gemm_matches and (3 or 9 or 17 or 65) and float16) or (wgmma and float16 and (17 or 40)) or \
     wgmma_nested or (cuda and forward and float16)"

@@ -22,17 +22,18 @@ from .quant_state import QuantState
 #   larger                        dequantize into a temporary, then cuBLAS
 # Measured on the H100 (`python -m fp4 bench --kernels`, bf16 nf4, CUDA graphs, weights beyond L2),
 # us for GEMV / GEMM / dequantize+cuBLAS: (28672, 8192) batch 1: 73.0 / 64.8 / 409, batch 4:
-# 150 / 66.4 / 410, batch 64: - / 121 / 412, batch 256: - / 238 / 431, batch 512: - / 468 / 541,
-# batch 1024: - / 876 / 840; (8192, 8192) batch 1: 25.1 / 25.6, batch 2: 31.6 / 26.0; (4096, 14336)
-# batch 1: 22.1 / 23.9, batch 2: 28.8 / 24.5, batch 256: - / 69 / 131, batch 512: - / 119 / 148,
-# batch 1024: - / 201 / 216; (14336, 4096) batch 256: - / 66 / 124, batch 512: - / 127 / 160, batch
-# 1024: - / 268 / 227; (4096, 4096) batch 1: 9.6 / 12.2, batch 2: 10.9 / 12.0 (the GEMM's fixed
-# cost, ~3 us of workspace clear and finish, decides small weights).
+# 150 / 66.4 / 410, batch 64: - / 121 / 412, batch 256: - / 195-208 / 431, batch 512: - / 390-427 /
+# 546-554, batch 1024: - / 702-839 / 847-855; (8192, 8192) batch 1: 25.1 / 25.6, batch 2: 31.6 / 26.0;
+# (4096, 14336) batch 1: 22.1 / 23.9, batch 2: 28.8 / 24.5, batch 256: - / 60-63 / 132, batch 512:
+# - / 101-106 / 149, batch 1024: - / 169-185 / 217; (14336, 4096) batch 256: - / 54-59 / 125, batch
+# 512: - / 105-112 / 160, batch 1024: - / 210-257 / 225 (a tie that moves with the GPU's clocks: the
+# GEMM keeps it, needing no dense temporary); (4096, 4096) batch 1: 9.6 / 12.2, batch 2: 10.9 / 12.0
+# (the GEMM's fixed cost, ~3 us of workspace clear and finish, decides small weights).
 # docs/perf-log.md has the history.
 CUDA_GEMV_MAX_WEIGHTS = {1: 1 << 27, 2: 1 << 25}
 CUDA_GEMV_MAX_BATCH = max(CUDA_GEMV_MAX_WEIGHTS)
 CUDA_GEMM_MAX_BATCH = 64
-CUDA_WGMMA_MAX_BATCH = 512
+CUDA_WGMMA_MAX_BATCH = 1024
 GEMV_KERNEL_MAX_BATCH = _C.gemv_max_batch()  # the largest batch the GEMV kernel takes
 KERNELS = ("gemv", "gemm", "dequantize_matmul")
 
