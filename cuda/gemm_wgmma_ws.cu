@@ -137,7 +137,8 @@ __global__ void __launch_bounds__(WsConfig::kThreads, 1)
     for (int s = 0; s < S; ++s) mbarrier_init(x_arrived + s, 1), mbarrier_init(w_arrived + s, C::kProducers);
     FP4_SM90_ONLY(asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"));
   }
-  build_pair_table<T, 128, kNested>(table, codes, code, scales);  // (ends in a __syncthreads)
+  build_pair_table<T, 128, kNested>(table, codes, code, scales);  // (its barrier orders the inits)
+  __syncthreads();  // the pair table
 
   const int64_t batch0 = int64_t(blockIdx.x) * BN;
   const int64_t tile_row0 = int64_t(blockIdx.y) * C::kTileRows;
