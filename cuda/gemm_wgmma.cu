@@ -1,4 +1,4 @@
-// The 4-bit linear layer on Hopper warpgroup MMA (sm_90a) for batch 17-128 (larger batches:
+// The 4-bit linear layer on Hopper warpgroup MMA (sm_90a) for batch 17-64 (larger batches:
 // gemm_wgmma_ws.cu), read straight from the bitsandbytes layout. As in mma_4bit.cuh the product is
 // computed transposed, y^T = W x^T: the decoded weight is wgmma's A operand, taken from registers,
 // and the activations its B operand, taken from shared memory (wgmma.cuh). Unlike the mma.sync
@@ -6,15 +6,13 @@
 // wgmma's 128-byte swizzle, and each lane picks its fragment's bytes out of the weight words with a
 // byte permute.
 //
-// A block covers 256 output features x BN batch rows, one block per SM. Each stage is kAtoms
-// 64-column slices of k (one swizzle atom of activations each); every warp streams its weight rows
-// and their scales through a private cp.async ring, the block's activations ride a shared ring,
-// one barrier per stage. A multiply group is one m64 tile x one slice: its A fragments are decoded
-// while the previous group runs on the tensor cores (fragments double-buffered). Two shapes:
-//   batch 17-64 (BN 32 to 32, else 64): memory- and decode-bound: 16 warps of one m64 tile each,
-//     stages of 128 columns (64 bytes per weight row), 4 (BN 32) or 3 stages in flight;
-//   batch 65-128 (BN 128): compute-bound: 8 warps of two m64 tiles (the activation tile is read
-//     from L2 once per 256 features), stages of 64 columns whose multiplies overlap the next decode.
+// A block covers 256 output features x BN batch rows (BN 32 to batch 32, else 64), one block per
+// SM: 16 warps, 4 warpgroups of one m64 tile each (memory- and decode-bound: many warps hide the
+// decode's latencies). Each stage is two 64-column slices of k (one swizzle atom of activations
+// each: 64 bytes per weight row); every warp streams its weight rows and their scales through a
+// private cp.async ring, the block's activations ride a shared ring, one barrier per stage. A
+// multiply group is one m64 tile x one slice: its A fragments are decoded while the previous group
+// runs on the tensor cores (fragments double-buffered).
 // k is split across blockIdx.z only to give most SMs a block; split partial sums meet in the fp32
 // workspace like the other GEMM kernels. Measurements: docs/perf-log.md.
 #include "build_config.h"
@@ -32,15 +30,15 @@ constexpr int kAtomK = 64;  // k columns per swizzle atom of activations (128 by
 
 template <int BN>
 struct WgmmaConfig {
-  // Batch <= 64: 4 warpgroups of one m64 tile (more warps to hide the decode's latencies, 128
-  // registers each); above: 2 warpgroups of two m64 tiles (the accumulators need the registers).
-  // BN 32 serves batch 17-32: half the activation tile of BN 64 to read per multiply, and a deeper
-  // ring (measured (28672, 8192) batch 32: 103 us vs 114 with BN 64).
-  static constexpr int kWarps = BN <= 64 ? 16 : 8, kThreads = kWarps * 32;
-  static constexpr int kMT = BN <= 64 ? 1 : 2;            // m64 tiles per warpgroup
-  static constexpr int kWarpRows = 16 * kMT;              // weight rows per warp
+  // 4 warpgroups of one m64 tile (128 registers each). BN 32 serves batch 17-32: half the
+  // activation tile of BN 64 to read per multiply, and a deeper ring (measured (28672, 8192) batch
+  // 32: 103 us vs 114 with BN 64). (Two m64 tiles per warpgroup, for BN 128, lost to the
+  // warp-specialized kernel: gemm_4bit_wgmma below.)
+  static_assert(BN == 32 || BN == 64, "batch 17-64");
+  static constexpr int kWarps = 16, kThreads = kWarps * 32;
+  static constexpr int kWarpRows = 16;                    // weight rows per warp
   static constexpr int kTileRows = kWarpRows * kWarps;    // output features per block: 256
-  static constexpr int kAtoms = BN <= 64 ? 2 : 1;         // 64-column slices per stage
+  static constexpr int kAtoms = 2;                        // 64-column slices per stage
   static constexpr int kStages = BN == 64 ? 5 : 6;  // (as many as shared memory holds)
   // Stages between the one being multiplied and the one whose slot is refilled: 2 keeps the
   // multiplies going across the stage boundary (measured 2-3% better than 1 at batch 32-64).
@@ -62,7 +60,7 @@ struct WgmmaConfig {
   static constexpr size_t kTableBytes = 256 * 128;
   // (+1024: the activation ring is aligned to 1024 bytes by hand)
   static constexpr size_t kSmemBytes = 1024 + kXRingBytes + kWRingBytes + kSRingBytes + kTableBytes + kCodeBytes;
-  static_assert((kAtoms * kMT) % 2 == 0, "a stage holds an even number of groups (the fragment buffer parity)");
+  static_assert(kAtoms % 2 == 0, "a stage holds an even number of groups (the fragment buffer parity)");
   static_assert(kSmemBytes <= 227 * 1024, "one block per SM");
   static_assert((BN * kAtoms) % (kThreads / 8) == 0, "the activation copies come in whole passes");
 };
@@ -90,7 +88,6 @@ __global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
                       float* __restrict__ partial) {
   using C = WgmmaConfig<BN>;
   constexpr int kAtoms = C::kAtoms, kStages = C::kStages, kAhead = C::kAhead, kPieces = C::kPieces;
-  constexpr int MT = C::kMT;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   extern __shared__ __align__(16) uint8_t smem_raw[];
   // (an offset from smem_raw, not an integer cast, keeps the pointers in the shared address space)
@@ -109,8 +106,8 @@ __global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
   const uint32_t pair_select = 0x5504u | (uint32_t(t) << 4);
   const uint32_t lane_x8 = uint32_t(lane) * 8;
   const int64_t batch0 = int64_t(blockIdx.x) * BN;
-  // Warp w covers rows 16 (w % 4) + [0, 16) of the block's m64 tiles MT (w / 4) + [0, MT).
-  const int64_t tile_row0 = int64_t(blockIdx.y) * C::kTileRows + (warp / 4) * 64 * MT + (warp % 4) * 16;
+  // Warp w covers rows 16 (w % 4) + [0, 16) of the block's m64 tile w / 4.
+  const int64_t tile_row0 = int64_t(blockIdx.y) * C::kTileRows + (warp / 4) * 64 + (warp % 4) * 16;
   const int64_t total_stages = k / C::kStageK;
   const int64_t stage_begin = int64_t(blockIdx.z) * stages_per_split;
   const int64_t stage_end = min(total_stages, stage_begin + stages_per_split);
@@ -125,27 +122,24 @@ __global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
     *reinterpret_cast<uint4*>(xring + tile * (BN * 128) + wgmma::sw128_offset(row, unit)) = make_uint4(0, 0, 0, 0);
   }
 
-  // This lane's weight rows: g and g + 8 of the warp's 16 in each m64 tile (rows past n read row
-  // n - 1 and get scale 0).
-  int64_t row_elem[MT][2];
-  bool row_valid[MT][2];
+  // This lane's weight rows: g and g + 8 of the warp's 16 (rows past n read row n - 1 and get
+  // scale 0).
+  int64_t row_elem[2];
+  bool row_valid[2];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t f = tile_row0 + 64 * mt + 8 * r + g;
-      row_valid[mt][r] = f < n;
-      row_elem[mt][r] = (row_valid[mt][r] ? f : n - 1) * k;
-    }
-  // The lane's weight copies: warp row 16 mt + i of the ring is feature tile_row0 + 64 mt + i.
+  for (int r = 0; r < 2; ++r) {
+    const int64_t f = tile_row0 + 8 * r + g;
+    row_valid[r] = f < n;
+    row_elem[r] = (row_valid[r] ? f : n - 1) * k;
+  }
+  // The lane's weight copies: warp row i of the ring is feature tile_row0 + i.
   constexpr int kCopies = C::kWarpRows * kPieces / 32;
   const uint8_t* copy_src[kCopies];
   int copy_dst[kCopies];
 #pragma unroll
   for (int i = 0; i < kCopies; ++i) {
     const int p = i * 32 + lane, row = p / kPieces, piece = p % kPieces;
-    const int64_t f = tile_row0 + 64 * (row / 16) + row % 16;
-    copy_src[i] = packed + min(f, n - 1) * (k / 2) + piece * 16;
+    copy_src[i] = packed + min(tile_row0 + row, n - 1) * (k / 2) + piece * 16;
     copy_dst[i] = weight_piece_offset<kPieces>(row, piece);
   }
   uint8_t* const warp_ring = wring + warp * C::kWarpStageBytes;
@@ -153,8 +147,8 @@ __global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
   uint32_t* const warp_scales = reinterpret_cast<uint32_t*>(sring + warp * C::kWarpScaleBytes);
   constexpr int kSStageStride = C::kWarps * int(C::kWarpScaleBytes) / 4;  // (in words)
   constexpr int kGroupOffset = C::kWarpRows * kAtoms;                     // nested group absmax words
-  // Lane l < kWarpRows copies the scales of warp row l (feature tile_row0 + 64 (l / 16) + l % 16).
-  const int64_t scale_row_elem = min(tile_row0 + 64 * (lane / 16) + lane % 16, n - 1) * k;
+  // Lane l < kWarpRows copies the scales of warp row l (feature tile_row0 + l).
+  const int64_t scale_row_elem = min(tile_row0 + lane, n - 1) * k;
 
   // The activation copies: thread i moves unit i % 8 of flat row q = i / 8 + kXRowsPerPass c in
   // pass c, flat row q being row q % BN of slice q / BN.
@@ -199,24 +193,22 @@ __global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
     cp_async_commit();
   };
 
-  float acc[MT][BN / 2];
+  float acc[BN / 2];
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) acc[mt][i] = 0.0f;
-  // A fragments, double-buffered by multiply group (one group: one m64 tile x one slice).
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
+  // A fragments, double-buffered by multiply group (one group: one slice).
   uint32_t frag[2][4][4];  // [buffer][k16 step][A register]
 
-  // Decode slice `a` of m64 tile `mt` of stage st (in `slot`) into frag[buf], then queue its 4
-  // multiplies as one group.
-  auto multiply = [&](int slot, int64_t st, int a, int mt, int buf) {
+  // Decode slice `a` of stage st (in `slot`) into frag[buf], then queue its 4 multiplies as one
+  // group.
+  auto multiply = [&](int slot, int64_t st, int a, int buf) {
     keep(frag[buf]);  // (the group that read them is retired: see the waits below)
     const uint8_t* ws = warp_ring + slot * kWStageStride;
     uint32_t words[2][8];  // rows g, g + 8 of the tile: the slice's 32 bytes
     uint32_t scale_pair[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = 16 * mt + 8 * r + g;
+      const int row = 8 * r + g;
       const uint4 lo = *reinterpret_cast<const uint4*>(ws + weight_piece_offset<kPieces>(row, 2 * a));
       const uint4 hi = *reinterpret_cast<const uint4*>(ws + weight_piece_offset<kPieces>(row, 2 * a + 1));
       words[r][0] = lo.x, words[r][1] = lo.y, words[r][2] = lo.z, words[r][3] = lo.w;
@@ -224,11 +216,11 @@ __global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
       const uint32_t* const sc = warp_scales + slot * kSStageStride + row * kAtoms + a;
       float scale = __uint_as_float(sc[0]);
       if constexpr (kNested) {
-        const int64_t block = (row_elem[mt][r] + st * C::kStageK + a * kAtomK) >> blocksize_log2;
+        const int64_t block = (row_elem[r] + st * C::kStageK + a * kAtomK) >> blocksize_log2;
         const uint32_t code = (sc[0] >> (8 * (block & 3))) & 0xffu;
         scale = nested_scale(nested_code, code, __uint_as_float(sc[kGroupOffset]), nested_offset);
       }
-      scale = row_valid[mt][r] ? scale : 0.0f;
+      scale = row_valid[r] ? scale : 0.0f;
       scale_pair[r] = Pair<T>::of(scale, scale);
     }
     // Step j: word 2j holds columns 16j + [0, 8) of the row (byte t: 16j + 2t, + 1 -> A register
@@ -244,15 +236,11 @@ __global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
         }
     const uint64_t desc = wgmma::smem_desc_sw128(xring + slot * C::kXStageBytes + a * (BN * 128));
     wgmma::fence();
-    wgmma::pin(acc[mt]);
+    wgmma::pin(acc);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) wgmma::Mma<BN, kBf16>::run(acc[mt], frag[buf][j], desc + 2 * j);
+    for (int j = 0; j < 4; ++j) wgmma::Mma<BN, kBf16>::run(acc, frag[buf][j], desc + 2 * j);
     wgmma::commit();
-    wgmma::pin(acc[mt]);
-  };
-  auto pin_all = [&]() {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) wgmma::pin(acc[mt]);
+    wgmma::pin(acc);
   };
 
 #pragma unroll
@@ -267,30 +255,26 @@ __global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
         cp_async_wait<kAhead - 1>();
         wgmma::fence_proxy_async();
         wgmma::wait<C::kLag - 1>();
-        pin_all();
+        wgmma::pin(acc);
         __syncthreads();
         issue((s + kAhead) % kStages, stage_begin + st + s + kAhead);
 #pragma unroll
-        for (int a = 0; a < kAtoms; ++a)
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) {
-            if (a + mt > 0) {  // retire all but the last group: the buffer about to be filled is free
-              wgmma::wait<1>();
-              pin_all();
-            }
-            multiply(s, stage_begin + st + s, a, mt, (a * MT + mt) % 2);
+        for (int a = 0; a < kAtoms; ++a) {
+          if (a > 0) {  // retire all but the last group: the buffer about to be filled is free
+            wgmma::wait<1>();
+            wgmma::pin(acc);
           }
+          multiply(s, stage_begin + st + s, a, a % 2);
+        }
       }
     }
   }
   wgmma::wait<0>();
-  pin_all();
+  wgmma::pin(acc);
   keep(frag[0]);
   keep(frag[1]);
 
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-    wgmma::store_accumulators(acc[mt], tile_row0 + 64 * mt, batch0, m, n, bias, y, partial);
+  wgmma::store_accumulators(acc, tile_row0, batch0, m, n, bias, y, partial);
 }
 
 template <typename T, int BN, bool kNested>
@@ -373,7 +357,8 @@ bool gemm_4bit_wgmma_available(int device_index) {
 }
 
 bool gemm_4bit_wgmma_supports(int64_t n, int64_t k, int64_t blocksize, const fp4_scales& scales) {
-  if (k % WgmmaConfig<64>::kStageK != 0 || k % WgmmaConfig<128>::kStageK != 0 || blocksize < kAtomK) return false;
+  // (whole stages of both kernels: 128 columns here, pairs of 64 in gemm_wgmma_ws.cu)
+  if (k % WgmmaConfig<64>::kStageK != 0 || blocksize < kAtomK) return false;
   if (n > 65535 * 128) return false;  // (grid.y: gemm_wgmma_ws.cu's tiles of 128 features)
   if (scales.nested_codes == nullptr) return true;
   // Nested codes are copied as the aligned 4-byte words that hold them: every such word must lie
@@ -385,10 +370,11 @@ bool gemm_4bit_wgmma_supports(int64_t n, int64_t k, int64_t blocksize, const fp4
 void gemm_4bit_wgmma(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m, int64_t k,
                      const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
                      void* y, float* workspace) {
-  // Past batch 128 the warp-specialized kernel (measured on the H100, bf16 nf4, us, this kernel /
-  // that one: (28672, 8192) batch 128: 173 / 209, 192: 333 / 245, 256: 339 / 248; (14336, 4096)
-  // batch 128: 61 / 57, 256: 90 / 68; (4096, 14336) batch 128: 57 / 57, 256: 89 / 72).
-  if (m > 128) return gemm_4bit_wgmma_ws(exec, code, dtype, x, m, k, packed, scales, n, blocksize, bias, y, workspace);
+  // Past batch 64 the warp-specialized kernel (measured on the H100, bf16 nf4, us, this kernel with
+  // two m64 tiles per warpgroup / that one with 128-row batch tiles: batch 128 on (28672, 8192)
+  // 173.5 / 157.1, (14336, 4096) 61.1 / 42.3, (4096, 14336) 57.6 / 45.4, (4096, 4096) 33.1 / 21.8;
+  // batch 80 on (28672, 8192) ~171 / 151.5).
+  if (m > 64) return gemm_4bit_wgmma_ws(exec, code, dtype, x, m, k, packed, scales, n, blocksize, bias, y, workspace);
   const int log2 = log2_of(blocksize);
   auto run = [&](auto* tag, auto bn) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -403,10 +389,8 @@ void gemm_4bit_wgmma(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, 
   auto with_tile = [&](auto* tag) {
     if (m <= 32)
       run(tag, std::integral_constant<int, 32>());
-    else if (m <= 64)
-      run(tag, std::integral_constant<int, 64>());
     else
-      run(tag, std::integral_constant<int, 128>());
+      run(tag, std::integral_constant<int, 64>());
   };
   if (dtype == FP4_FLOAT16)
     with_tile(static_cast<__half*>(nullptr));

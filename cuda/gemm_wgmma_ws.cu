@@ -1,4 +1,4 @@
-// The 4-bit linear layer on Hopper (sm_90a) for batches past 128: a warp-specialized wgmma GEMM,
+// The 4-bit linear layer on Hopper (sm_90a) for batches past 64: a warp-specialized wgmma GEMM,
 // read straight from the bitsandbytes layout. As everywhere the product is computed transposed,
 // y^T = W x^T. One producer warpgroup only copies: the 4-bit weights and their scales (cp.async)
 // and the activations (one TMA copy per stage, in wgmma's 128-byte swizzle). Two consumer
@@ -8,14 +8,15 @@
 // shared memory that wgmma read from there (both operands in shared memory) kept the tensor cores
 // at ~60% — the decode's table loads and tile stores competed with the multiplies' operand reads.
 //
-// A block covers 128 output features x 256 batch rows, one block per SM, 64 columns of k per
-// stage. Producer thread p copies feature row p's 32 bytes and its scale per stage; its copies
-// complete the slot's mbarrier (cp.async arrivals), and the activation tile's TMA copy a second
-// one, which the consumers wait on (each warpgroup on its own: no barrier couples the two). EMPTY
-// [slot], a named barrier, tells the producers that the multiplies that read a slot are retired.
-// The producers give most of their registers to the consumers (setmaxnreg): 128 accumulators and
-// two stages of fragments per thread. k is split across blockIdx.z only to give most SMs a block
-// (partial sums meet in the fp32 workspace). Measurements and what was tried: docs/perf-log.md.
+// A block covers 128 output features x BN batch rows (256, or 128 for batch 65-128), one block
+// per SM, 64 columns of k per stage. Producer thread p copies feature row p's 32 bytes and its
+// scale per stage; its copies complete the slot's mbarrier (cp.async arrivals), and the activation
+// tile's TMA copy a second one, which the consumers wait on (each warpgroup on its own: no barrier
+// couples the two). EMPTY[slot], a named barrier, tells the producers that the multiplies that read
+// a slot are retired. The producers give most of their registers to the consumers (setmaxnreg):
+// BN / 2 accumulators and two stages of fragments per thread. k is split across blockIdx.z only to
+// give most SMs a block (partial sums meet in the fp32 workspace). Measurements and what was
+// tried: docs/perf-log.md.
 #include "build_config.h"
 #include "kernels.hpp"
 #include "mma_4bit.cuh"
@@ -29,20 +30,22 @@
 namespace fp4::cuda {
 namespace {
 
+// BN 256 for batch > 128, BN 128 for batch 65-128 (a half-empty 256-row tile would multiply zeros).
+template <int BN>
 struct WsConfig {
-  static constexpr int kBatchRows = 256;  // batch rows per block (the m64n256k16 multiply's N)
-  static constexpr int kThreads = 384;    // warpgroup 0 copies, 1 and 2 decode and multiply
+  static constexpr int kBatchRows = BN;  // batch rows per block (the m64nBNk16 multiply's N)
+  static constexpr int kThreads = 384;   // warpgroup 0 copies, 1 and 2 decode and multiply
   static constexpr int kProducers = 128;
   static constexpr int kTileRows = 128;  // output features per block: one m64 tile per consumer
   static constexpr int kStageK = 64;     // k columns per stage: one swizzle atom
-  static constexpr int kStages = 4;      // ring slots
+  static constexpr int kStages = BN == 256 ? 4 : 6;  // ring slots (as many as shared memory holds)
   static constexpr size_t kXStageBytes = size_t(kBatchRows) * 128;   // rows of 64 16-bit values
   static constexpr size_t kWStageBytes = size_t(kTileRows) * 32;     // the 4-bit weights
   static constexpr size_t kSStageBytes = size_t(kTileRows) * 2 * 4;  // scale words (+ nested group absmax)
   // Pair-table rows of 128 bytes: one copy per lane, so the lookups never conflict on banks.
   static constexpr size_t kTableBytes = 256 * 128;
-  // Registers per thread after the hand-over (setmaxnreg): the consumers hold 128 accumulators and
-  // two stages of A fragments; the producers only addresses. 128 x 40 + 256 x 232 <= 64K.
+  // Registers per thread after the hand-over (setmaxnreg): the consumers hold BN / 2 accumulators
+  // and two stages of A fragments; the producers only addresses. 128 x 40 + 256 x 232 <= 64K.
   static constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
   // (+1024: the rings are aligned to 1024 bytes by hand)
   static constexpr size_t kSmemBytes = 1024 + kStages * (kXStageBytes + kWStageBytes + kSStageBytes) + kTableBytes +
@@ -115,14 +118,14 @@ __device__ __forceinline__ void keep(const uint32_t (&a)[4][4]) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) asm volatile("" ::"r"(a[j][0]), "r"(a[j][1]), "r"(a[j][2]), "r"(a[j][3]));
 }
-template <typename T, bool kNested>
-__global__ void __launch_bounds__(WsConfig::kThreads, 1)
+template <typename T, int BN, bool kNested>
+__global__ void __launch_bounds__(WsConfig<BN>::kThreads, 1)
     gemm_wgmma_ws_kernel(const __grid_constant__ CUtensorMap x_map, int64_t m, int64_t k,
                          const uint8_t* __restrict__ packed, fp4_scales scales, int nested_log2, int64_t n,
                          int blocksize_log2, Code16 code, int64_t stages_per_split, const T* __restrict__ bias,
                          T* __restrict__ y, float* __restrict__ partial) {
-  using C = WsConfig;
-  constexpr int BN = C::kBatchRows, S = C::kStages;
+  using C = WsConfig<BN>;
+  constexpr int S = C::kStages;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   extern __shared__ __align__(16) uint8_t smem_raw[];
   // (an offset from smem_raw, not an integer cast, keeps the pointers in the shared address space)
@@ -309,12 +312,11 @@ CUtensorMap activation_map(const void* x, fp4_dtype dtype, int64_t m, int64_t k,
   return map;
 }
 
-template <typename T, bool kNested>
+template <typename T, int BN, bool kNested>
 void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales,
             int64_t n, int blocksize_log2, const Code16& code, const T* bias, T* y, float* workspace) {
-  using C = WsConfig;
-  constexpr int BN = C::kBatchRows;
-  constexpr auto kernel = gemm_wgmma_ws_kernel<T, kNested>;
+  using C = WsConfig<BN>;
+  constexpr auto kernel = gemm_wgmma_ws_kernel<T, BN, kNested>;
   allow_dynamic_smem<kernel>(exec.device_index, C::kSmemBytes);
   // (batch tiles vary fastest: the blocks that share a weight tile run together and read it once)
   int64_t per_split = 0;
@@ -339,19 +341,26 @@ void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtyp
                         int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize,
                         const void* bias, void* y, float* workspace) {
   const int log2 = log2_of(blocksize);
-  auto run = [&](auto* tag) {
+  auto run = [&](auto* tag, auto bn) {
     using T = std::remove_pointer_t<decltype(tag)>;
+    constexpr int BN = decltype(bn)::value;
     const T* xt = static_cast<const T*>(x);
     const T* bt = static_cast<const T*>(bias);
     if (scales.nested_codes != nullptr)
-      launch<T, true>(exec, xt, m, k, packed, scales, n, log2, code, bt, static_cast<T*>(y), workspace);
+      launch<T, BN, true>(exec, xt, m, k, packed, scales, n, log2, code, bt, static_cast<T*>(y), workspace);
     else
-      launch<T, false>(exec, xt, m, k, packed, scales, n, log2, code, bt, static_cast<T*>(y), workspace);
+      launch<T, BN, false>(exec, xt, m, k, packed, scales, n, log2, code, bt, static_cast<T*>(y), workspace);
+  };
+  auto with_tile = [&](auto* tag) {
+    if (m <= 128)
+      run(tag, std::integral_constant<int, 128>());
+    else
+      run(tag, std::integral_constant<int, 256>());
   };
   if (dtype == FP4_FLOAT16)
-    run(static_cast<__half*>(nullptr));
+    with_tile(static_cast<__half*>(nullptr));
   else
-    run(static_cast<__nv_bfloat16*>(nullptr));
+    with_tile(static_cast<__nv_bfloat16*>(nullptr));
 }
 
 }  // namespace fp4::cuda

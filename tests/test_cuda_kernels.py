@@ -56,13 +56,14 @@ def test_wgmma_is_reported_exactly_where_it_can_run():
 
 @pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("batch", [17, 32, 40, 64, 65, 130, 257, 300])
+@pytest.mark.parametrize("batch", [17, 32, 40, 64, 65, 128, 130, 257, 300])
 @pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", False, 64), ("fp4", True, 64),
                                                                ("nf4", True, 128), ("fp4", False, 1024)])
 def test_wgmma_gemm_matches_reference(dtype, batch, quant_type, double_quant, blocksize):
-    """The Hopper kernels (batch > 16, in_features % 256 == 0): every batch tile of the register-
-    operand kernel (32 / 64 / 128) and the warp-specialized one past 128 (256 rows: 130, a 257th row
-    alone in its tile, 300), partial feature tiles (400 = 3 x 128 + 16), k split across blocks."""
+    """The Hopper kernels (batch > 16, in_features % 256 == 0): both batch tiles of the register-
+    operand kernel (32 / 64) and of the warp-specialized one past 64 (128 rows: 65, 128; 256 rows:
+    130, a 257th row alone in its tile, 300), partial feature tiles (400 = 3 x 128 + 16), k split
+    across blocks."""
     layer = _layer(400, 1280, dtype, quant_type, double_quant, blocksize)
     _check(layer, torch.randn(batch, 1280, device="cuda", dtype=dtype), "gemm")
 
@@ -76,12 +77,14 @@ def test_wgmma_gemm_long_rows_and_many_tiles():
 
 
 @pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
-def test_warp_specialized_gemm_gives_identical_bits_on_every_call():
-    """The batch > 128 kernel hands stages between warpgroups through barriers and TMA mbarriers; a
-    race there would show as calls that differ (128 blocks: k is not split, the sum order is fixed)."""
+@pytest.mark.parametrize("batch", [100, 300])
+def test_warp_specialized_gemm_gives_identical_bits_on_every_call(batch):
+    """The batch > 64 kernel hands stages between warpgroups through mbarriers and named barriers; a
+    race there would show as calls that differ (k is split at most in two here, and two fp32 partial
+    sums add up the same in either order)."""
     layer = _layer(8192, 4096, torch.bfloat16, bias=False)
     args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
-    x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(batch, 4096, device="cuda", dtype=torch.bfloat16)
     first = ops.linear_4bit_prepared(x, args, kernel="gemm").clone()
     for _ in range(50):
         assert torch.equal(ops.linear_4bit_prepared(x, args, kernel="gemm"), first)

@@ -18,7 +18,7 @@ from .quant_state import QuantState
 #   m <= CUDA_GEMM_MAX_BATCH      the fused tensor-core GEMM (stream-K kernel to 16; above, the Hopper
 #                                 wgmma kernels where gemm_uses_wgmma, else the tiled mma.sync one)
 #   m <= CUDA_WGMMA_MAX_BATCH     the same GEMM where it runs wgmma (in_features % 256 == 0; past
-#                                 batch 128 its warp-specialized kernel, cuda/gemm_wgmma_ws.cu)
+#                                 batch 64 its warp-specialized kernel, cuda/gemm_wgmma_ws.cu)
 #   larger                        dequantize into a temporary, then cuBLAS
 # Measured on the H100 (`python -m fp4 bench --kernels`, bf16 nf4, CUDA graphs, weights beyond L2),
 # us for GEMV / GEMM / dequantize+cuBLAS: (28672, 8192) batch 1: 73.0 / 64.8 / 409, batch 4:
