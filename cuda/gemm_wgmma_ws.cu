@@ -187,6 +187,7 @@ __global__ void __launch_bounds__(WsConfig<BN>::kThreads, 1)
       barrier_sync(kEmpty + slot);
       issue(slot, stage_begin + i + S);
     }
+    cp_async_commit();  // (this thread's copies land before it exits)
     cp_async_wait<0>();
     return;
   }
