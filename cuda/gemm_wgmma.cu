@@ -73,13 +73,6 @@ __device__ __forceinline__ int weight_piece_offset(int row, int piece) {
   return row * kPieces * 16 + ((piece ^ ((row / kRowsPerLine) % kPieces)) << 4);
 }
 
-// Keeps A-fragment registers allocated until this point: a wgmma reads them asynchronously, so they
-// must not be reused before the wait that retires it (placed after that wait).
-__device__ __forceinline__ void keep(const uint32_t (&a)[4][4]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) asm volatile("" ::"r"(a[j][0]), "r"(a[j][1]), "r"(a[j][2]), "r"(a[j][3]));
-}
-
 template <typename T, int BN, bool kNested>
 __global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
     gemm_wgmma_kernel(const T* __restrict__ x, int64_t m, int64_t k, const uint8_t* __restrict__ packed,
@@ -101,8 +94,7 @@ __global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
-  // A byte's table offset (byte * 128 + lane * 4) is (byte * 256 + lane * 8) >> 1, the permute
-  // placing byte t of a word beside lane * 8.
+  // (the lookups' byte permute: wgmma::decode_slice)
   const uint32_t pair_select = 0x5504u | (uint32_t(t) << 4);
   const uint32_t lane_x8 = uint32_t(lane) * 8;
   const int64_t batch0 = int64_t(blockIdx.x) * BN;
@@ -202,7 +194,7 @@ __global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
   // Decode slice `a` of stage st (in `slot`) into frag[buf], then queue its 4 multiplies as one
   // group.
   auto multiply = [&](int slot, int64_t st, int a, int buf) {
-    keep(frag[buf]);  // (the group that read them is retired: see the waits below)
+    wgmma::keep(frag[buf]);  // (the group that read them is retired: see the waits below)
     const uint8_t* ws = warp_ring + slot * kWStageStride;
     uint32_t words[2][8];  // rows g, g + 8 of the tile: the slice's 32 bytes
     uint32_t scale_pair[2];
@@ -223,17 +215,7 @@ __global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
       scale = row_valid[r] ? scale : 0.0f;
       scale_pair[r] = Pair<T>::of(scale, scale);
     }
-    // Step j: word 2j holds columns 16j + [0, 8) of the row (byte t: 16j + 2t, + 1 -> A register
-    // 0 / 1 for row g / g + 8), word 2j + 1 columns 16j + 8 + [0, 8) (-> register 2 / 3).
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const uint32_t offset = __byte_perm(words[r][2 * j + half], lane_x8, pair_select) >> 1;
-          frag[buf][j][r + 2 * half] = Pair<T>::mul(load_pair(table, offset), scale_pair[r]);
-        }
+    wgmma::decode_slice<T>(words, scale_pair, table, lane_x8, pair_select, frag[buf]);
     const uint64_t desc = wgmma::smem_desc_sw128(xring + slot * C::kXStageBytes + a * (BN * 128));
     wgmma::fence();
     wgmma::pin(acc);
@@ -271,8 +253,8 @@ __global__ void __launch_bounds__(WgmmaConfig<BN>::kThreads, 1)
   }
   wgmma::wait<0>();
   wgmma::pin(acc);
-  keep(frag[0]);
-  keep(frag[1]);
+  wgmma::keep(frag[0]);
+  wgmma::keep(frag[1]);
 
   wgmma::store_accumulators(acc, tile_row0, batch0, m, n, bias, y, partial);
 }

@@ -112,12 +112,6 @@ __device__ __forceinline__ void registers_up() {
 // every 8 swapped so one 16-byte load of 8 rows touches 8 different bank groups.
 __device__ __forceinline__ int weight_piece(int p, int q) { return p * 32 + ((q ^ ((p >> 2) & 1)) << 4); }
 
-// Keeps A-fragment registers allocated until this point: a wgmma reads them asynchronously, so they
-// must not be reused before the wait that retires it (placed after that wait).
-__device__ __forceinline__ void keep(const uint32_t (&a)[4][4]) {
-#pragma unroll
-  for (int j = 0; j < 4; ++j) asm volatile("" ::"r"(a[j][0]), "r"(a[j][1]), "r"(a[j][2]), "r"(a[j][3]));
-}
 template <typename T, int BN, bool kNested>
 __global__ void __launch_bounds__(WsConfig<BN>::kThreads, 1)
     gemm_wgmma_ws_kernel(const __grid_constant__ CUtensorMap x_map, int64_t m, int64_t k,
@@ -206,14 +200,11 @@ __global__ void __launch_bounds__(WsConfig<BN>::kThreads, 1)
     row_valid[r] = f < n;
     row_elem[r] = (row_valid[r] ? f : n - 1) * k;
   }
-  // A byte's table offset (byte * 128 + lane * 4) is (byte * 256 + lane * 8) >> 1, the permute
-  // placing byte t of a word beside lane * 8.
+  // (the lookups' byte permute: wgmma::decode_slice)
   const uint32_t pair_select = 0x5504u | (uint32_t(t) << 4);
   const uint32_t lane_x8 = uint32_t(lane) * 8;
 
-  // Stage st's A fragments (ring slot `slot`) for the 4 k16 steps: word 2j of a row holds columns
-  // 16j + [0, 8) (byte t: 16j + 2t, + 1 -> A register 0 / 1 for row g / g + 8), word 2j + 1 columns
-  // 16j + 8 + [0, 8) (-> register 2 / 3).
+  // Stage st's A fragments (ring slot `slot`) for the 4 k16 steps.
   auto decode = [&](uint32_t (&a)[4][4], int slot, int64_t st) {
     uint32_t words[2][8];
     uint32_t scale_pair[2];
@@ -235,15 +226,7 @@ __global__ void __launch_bounds__(WsConfig<BN>::kThreads, 1)
       scale = row_valid[r] ? scale : 0.0f;
       scale_pair[r] = Pair<T>::of(scale, scale);
     }
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const uint32_t offset = __byte_perm(words[r][2 * j + half], lane_x8, pair_select) >> 1;
-          a[j][r + 2 * half] = Pair<T>::mul(load_pair(table, offset), scale_pair[r]);
-        }
+    wgmma::decode_slice<T>(words, scale_pair, table, lane_x8, pair_select, a);
   };
 
   float acc[BN / 2];
@@ -266,7 +249,7 @@ __global__ void __launch_bounds__(WsConfig<BN>::kThreads, 1)
     wgmma::pin(acc);
     wgmma::wait<1>();
     wgmma::pin(acc);
-    keep(frag[1 - b]);  // (stage i - 1's group is retired)
+    wgmma::keep(frag[1 - b]);  // (stage i - 1's group is retired)
     if (i >= 1 && i - 1 + S < stages) barrier_arrive(kEmpty + (slot == 0 ? S - 1 : slot - 1));
   };
   // (stages is even: see launch. A conditional second step would merge two versions of the
@@ -280,8 +263,8 @@ __global__ void __launch_bounds__(WsConfig<BN>::kThreads, 1)
   }
   wgmma::wait<0>();
   wgmma::pin(acc);
-  keep(frag[0]);
-  keep(frag[1]);
+  wgmma::keep(frag[0]);
+  wgmma::keep(frag[1]);
 
   wgmma::store_accumulators(acc, tile_row0 + warp_row, batch0, m, n, bias, y, partial);
 }

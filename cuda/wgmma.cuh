@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "mma_4bit.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FP4_WGMMA_DEVICE 1
@@ -55,6 +56,34 @@ template <int R>
 __device__ __forceinline__ void pin(float (&d)[R]) {
 #pragma unroll
   for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Keeps A-fragment registers allocated until this point: a wgmma reads them asynchronously, so they
+// must not be reused before the wait that retires it (placed after that wait).
+__device__ __forceinline__ void keep(const uint32_t (&a)[4][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) asm volatile("" ::"r"(a[j][0]), "r"(a[j][1]), "r"(a[j][2]), "r"(a[j][3]));
+}
+
+// The A fragments of one 64-column slice (4 k16 steps) from the lane's two weight rows g and g + 8
+// (words[r]: the row's 32 bytes in the bitsandbytes order): word 2j of a row holds columns
+// 16j + [0, 8) (byte t: 16j + 2t, + 1 -> A register 0 / 1 for row g / g + 8), word 2j + 1 columns
+// 16j + 8 + [0, 8) (-> register 2 / 3). Each byte is one lookup in the pair table of 128-byte rows
+// (build_pair_table), at (byte * 256 + lane * 8) >> 1: pair_select = 0x5504 | t << 4 places byte
+// t of a word beside lane_x8 = lane * 8. scale_pair[r]: row r's scale as a pair of T.
+template <typename T>
+__device__ __forceinline__ void decode_slice(const uint32_t (&words)[2][8], const uint32_t (&scale_pair)[2],
+                                             const uint8_t* table, uint32_t lane_x8, uint32_t pair_select,
+                                             uint32_t (&a)[4][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const uint32_t offset = __byte_perm(words[r][2 * j + half], lane_x8, pair_select) >> 1;
+        a[j][r + 2 * half] = Pair<T>::mul(load_pair(table, offset), scale_pair[r]);
+      }
 }
 
 // Stores one warp's share of an m64nNk16 accumulator (R = N / 2 values, layout above): the warp's
