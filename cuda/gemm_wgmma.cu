@@ -358,26 +358,16 @@ void gemm_4bit_wgmma(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, 
   // batch 80 on (28672, 8192) ~171 / 151.5).
   if (m > 64) return gemm_4bit_wgmma_ws(exec, code, dtype, x, m, k, packed, scales, n, blocksize, bias, y, workspace);
   const int log2 = log2_of(blocksize);
-  auto run = [&](auto* tag, auto bn) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    constexpr int BN = decltype(bn)::value;
-    const T* xt = static_cast<const T*>(x);
-    const T* bt = static_cast<const T*>(bias);
-    if (scales.nested_codes != nullptr)
-      launch<T, BN, true>(exec, xt, m, k, packed, scales, n, log2, code, bt, static_cast<T*>(y), workspace);
-    else
-      launch<T, BN, false>(exec, xt, m, k, packed, scales, n, log2, code, bt, static_cast<T*>(y), workspace);
-  };
-  auto with_tile = [&](auto* tag) {
-    if (m <= 32)
-      run(tag, std::integral_constant<int, 32>());
-    else
-      run(tag, std::integral_constant<int, 64>());
-  };
-  if (dtype == FP4_FLOAT16)
-    with_tile(static_cast<__half*>(nullptr));
-  else
-    with_tile(static_cast<__nv_bfloat16*>(nullptr));
+  // (the batch tile: 32 rows to batch 32, else 64; scales are read one by one: `paired` unused)
+  dispatch_variant<32, 64>(
+      dtype, m, 32, scales, blocksize,
+      [&](auto* tag, auto bn, auto nested, auto /*paired*/) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        launch<T, decltype(bn)::value, decltype(nested)::value>(exec, static_cast<const T*>(x), m, k, packed, scales, n,
+                                                                log2, code, static_cast<const T*>(bias),
+                                                                static_cast<T*>(y), workspace);
+      },
+      false);
 }
 
 }  // namespace fp4::cuda

@@ -325,26 +325,16 @@ void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtyp
                         int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize,
                         const void* bias, void* y, float* workspace) {
   const int log2 = log2_of(blocksize);
-  auto run = [&](auto* tag, auto bn) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    constexpr int BN = decltype(bn)::value;
-    const T* xt = static_cast<const T*>(x);
-    const T* bt = static_cast<const T*>(bias);
-    if (scales.nested_codes != nullptr)
-      launch<T, BN, true>(exec, xt, m, k, packed, scales, n, log2, code, bt, static_cast<T*>(y), workspace);
-    else
-      launch<T, BN, false>(exec, xt, m, k, packed, scales, n, log2, code, bt, static_cast<T*>(y), workspace);
-  };
-  auto with_tile = [&](auto* tag) {
-    if (m <= 128)
-      run(tag, std::integral_constant<int, 128>());
-    else
-      run(tag, std::integral_constant<int, 256>());
-  };
-  if (dtype == FP4_FLOAT16)
-    with_tile(static_cast<__half*>(nullptr));
-  else
-    with_tile(static_cast<__nv_bfloat16*>(nullptr));
+  // (the batch tile: 128 rows to batch 128, else 256; scales are read one by one: `paired` unused)
+  dispatch_variant<128, 256>(
+      dtype, m, 128, scales, blocksize,
+      [&](auto* tag, auto bn, auto nested, auto /*paired*/) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        launch<T, decltype(bn)::value, decltype(nested)::value>(exec, static_cast<const T*>(x), m, k, packed, scales, n,
+                                                                log2, code, static_cast<const T*>(bias),
+                                                                static_cast<T*>(y), workspace);
+      },
+      false);
 }
 
 }  // namespace fp4::cuda

@@ -230,10 +230,10 @@ inline bool paired_scales_ok(const fp4_scales& scales, int64_t blocksize) {
   return reinterpret_cast<uintptr_t>(scales.absmax) % 8 == 0;
 }
 
-// Calls launch(T*, NT tag, nested tag, paired tag) with compile-time types for the kernel variant:
-// the element type, the n8 tiles per warp (kNarrow for m <= narrow_max_m, else kWide), nested
-// statistics or not, and paired scale loads or not (never where the kernel's own conditions for them,
-// paired_allowed, fail).
+// Calls launch(T*, tile tag, nested tag, paired tag) with compile-time types for the kernel variant:
+// the element type, the batch tile (kNarrow for m <= narrow_max_m, else kWide: n8 tiles per warp in
+// the mma.sync kernels, batch rows per block in the wgmma ones), nested statistics or not, and
+// paired scale loads or not (never where the kernel's own conditions for them, paired_allowed, fail).
 template <int kNarrow, int kWide, typename Launch>
 void dispatch_variant(fp4_dtype dtype, int64_t m, int64_t narrow_max_m, const fp4_scales& scales, int64_t blocksize,
                       Launch&& launch, bool paired_allowed = true) {
