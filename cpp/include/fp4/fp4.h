@@ -129,8 +129,8 @@ FP4_API fp4_status fp4_gemm_4bit(const fp4_exec* exec, fp4_quant_type quant_type
 
 /* 1 when fp4_gemm_4bit multiplies batches > 16 with Hopper warpgroup MMA on CUDA device
  * `device_index` (an sm_90 GPU, a library built for sm_90a: see fp4_cuda_archs) for k % 256 == 0 and
- * blocksize >= 64; it then beats dequantize + dense GEMM up to batch ~512 (measured on the H100).
- * 0 otherwise. */
+ * blocksize >= 64; it then beats or ties dequantize + dense GEMM up to batch ~1024 (measured on the
+ * H100). 0 otherwise. */
 FP4_API int fp4_gemm_4bit_uses_wgmma(int device_index);
 
 /* ---- nested statistics ("double quant") ------------------------------------------------------- */

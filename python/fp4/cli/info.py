@@ -16,7 +16,7 @@ def describe() -> dict:
         "cccl": _C.build_config().get("cccl") or "-",
         "compiler": _C.build_config().get("cxx", "-"),
         "cuda_devices_libfp4": _C.cuda_device_count(),
-        # the Hopper tensor-core GEMM (batch 17-512) per device: needs sm_90 and a build for 90a
+        # the Hopper tensor-core GEMM (batch 17-1024) per device: needs sm_90 and a build for 90a
         "wgmma_gemm": ", ".join(f"cuda:{i} {'yes' if _C.gemm_4bit_uses_wgmma(i) else 'no'}"
                                 for i in range(_C.cuda_device_count())) or "-",
         "cpu_threads": _C.get_num_threads(),
