@@ -20,10 +20,9 @@
 #include "build_config.h"
 #include "kernels.hpp"
 #include "mma_4bit.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
-#include <cuda.h>  // (CUtensorMap only: the encoder is reached through the runtime's entry-point query)
-#include <cudaTypedefs.h>
 
 #include <type_traits>
 
@@ -59,45 +58,12 @@ struct WsConfig {
 __device__ __forceinline__ void barrier_sync(int id) { asm volatile("bar.sync %0, 384;" ::"r"(id) : "memory"); }
 __device__ __forceinline__ void barrier_arrive(int id) { asm volatile("bar.arrive %0, 384;" ::"r"(id) : "memory"); }
 
-// A ring slot's arrival: mbarriers completed by the bytes of the activations' TMA copy and by the
-// weight and scale copies of the producer threads.
 // (sm_90 instructions: like wgmma they exist only in the sm_90a code, FP4_WGMMA_DEVICE)
 #ifdef FP4_WGMMA_DEVICE
 #define FP4_SM90_ONLY(...) __VA_ARGS__
-__device__ __forceinline__ uint32_t shared_address(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
 #else
 #define FP4_SM90_ONLY(...) __trap()
 #endif
-__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
-  FP4_SM90_ONLY(
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(count) : "memory"));
-}
-// Arrives on `bar` once this thread's cp.async copies issued so far have landed.
-__device__ __forceinline__ void mbarrier_arrive_on_copies(uint64_t* bar) {
-  FP4_SM90_ONLY(asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(shared_address(bar))
-                             : "memory"));
-}
-__device__ __forceinline__ void mbarrier_expect(uint64_t* bar, uint32_t bytes) {
-  FP4_SM90_ONLY(asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)),
-                             "r"(bytes)
-                             : "memory"));
-}
-__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-  FP4_SM90_ONLY(asm volatile("{\n.reg .pred done;\nWAIT:\n"
-                             "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-                             "@!done bra WAIT;\n}\n" ::"r"(shared_address(bar)),
-                             "r"(parity)
-                             : "memory"));
-}
-// Copies the box at (column c0, row c1) of the tensor map into shared memory (the map's swizzle,
-// rows past the tensor's end zero), completing `bar` with its bytes.
-__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar) {
-  FP4_SM90_ONLY(asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3}], [%4];" ::"r"(shared_address(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(shared_address(bar))
-      : "memory"));
-}
 // Hands registers between the warpgroups (every warp of a warpgroup executes the same one).
 template <int kRegisters>
 __device__ __forceinline__ void registers_down() {
@@ -131,8 +97,8 @@ __global__ void __launch_bounds__(WsConfig<BN>::kThreads, 1)
   uint64_t* const x_arrived = reinterpret_cast<uint64_t*>(codes + kCodeBytes / sizeof(float));  // [slot]
   uint64_t* const w_arrived = x_arrived + S;                                                      // [slot]
   if (threadIdx.x == 0) {
-    for (int s = 0; s < S; ++s) mbarrier_init(x_arrived + s, 1), mbarrier_init(w_arrived + s, C::kProducers);
-    FP4_SM90_ONLY(asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory"));
+    for (int s = 0; s < S; ++s) tma::mbarrier_init(x_arrived + s, 1), tma::mbarrier_init(w_arrived + s, C::kProducers);
+    tma::fence_barrier_init();
   }
   build_pair_table<T, 128, kNested>(table, codes, code, scales);  // (its barrier orders the inits)
   __syncthreads();  // the pair table
@@ -167,10 +133,10 @@ __global__ void __launch_bounds__(WsConfig<BN>::kThreads, 1)
         } else {
           cp_async4(scale_dst, scales.absmax + block);
         }
-        mbarrier_arrive_on_copies(w_arrived + slot);
+        tma::mbarrier_arrive_on_copies(w_arrived + slot);
         if (p == 0) {
-          mbarrier_expect(x_arrived + slot, uint32_t(C::kXStageBytes));
-          tma_load_2d(xring + slot * C::kXStageBytes, &x_map, int(st * C::kStageK), int(batch0), x_arrived + slot);
+          tma::mbarrier_expect(x_arrived + slot, uint32_t(C::kXStageBytes));
+          tma::load_2d(xring + slot * C::kXStageBytes, &x_map, int(st * C::kStageK), int(batch0), x_arrived + slot);
         }
       }
     };
@@ -237,8 +203,8 @@ __global__ void __launch_bounds__(WsConfig<BN>::kThreads, 1)
   // its multiplies, then retire stage i - 1's and free its slot.
   auto step = [&](int i, int slot, auto buf) {
     constexpr int b = decltype(buf)::value;
-    mbarrier_wait(w_arrived + slot, uint32_t(i / S) & 1);
-    mbarrier_wait(x_arrived + slot, uint32_t(i / S) & 1);
+    tma::mbarrier_wait(w_arrived + slot, uint32_t(i / S) & 1);
+    tma::mbarrier_wait(x_arrived + slot, uint32_t(i / S) & 1);
     decode(frag[b], slot, stage_begin + i);
     const uint64_t desc_b = wgmma::smem_desc_sw128(xring + slot * C::kXStageBytes);
     wgmma::fence();
@@ -274,26 +240,8 @@ __global__ void __launch_bounds__(WsConfig<BN>::kThreads, 1)
 // The activations [m, k] as a TMA tensor map: boxes of 64 columns x `box_rows` rows in the
 // 128-byte swizzle (the layout wgmma's descriptor reads), rows past m read as zero.
 CUtensorMap activation_map(const void* x, fp4_dtype dtype, int64_t m, int64_t k, int box_rows) {
-  static const auto encode = [] {
-    void* function = nullptr;
-    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-    check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &function, 12000, cudaEnableDefault, &found),
-          "cudaGetDriverEntryPointByVersion(cuTensorMapEncodeTiled)");
-    if (found != cudaDriverEntryPointSuccess || function == nullptr)
-      fail(FP4_ERROR_CUDA, "the CUDA driver has no cuTensorMapEncodeTiled");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(function);
-  }();
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {cuuint64_t(k), cuuint64_t(m)};
-  const cuuint64_t row_stride[1] = {cuuint64_t(k) * 2};
-  const cuuint32_t box[2] = {64, cuuint32_t(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  const CUresult status =
-      encode(&map, dtype == FP4_FLOAT16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
-             const_cast<void*>(x), dims, row_stride, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (status != CUDA_SUCCESS) fail(FP4_ERROR_CUDA, "cuTensorMapEncodeTiled failed for x (error ", int(status), ")");
-  return map;
+  return tma::map_2d(x, dtype == FP4_FLOAT16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, k, m,
+                     k * 2, 64, box_rows, CU_TENSOR_MAP_SWIZZLE_128B, "x");
 }
 
 template <typename T, int BN, bool kNested>
