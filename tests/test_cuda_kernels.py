@@ -161,6 +161,40 @@ def test_gemm_stream_ranges_cross_tiles(batch, double_quant, in_features):
     _check(layer, torch.randn(batch, in_features, device="cuda", dtype=torch.float16), "gemm")
 
 
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("batch", [1, 5, 9, 16])
+def test_gemm_fed_stream_matches_reference(monkeypatch, batch, double_quant, dtype):
+    """The producer-fed stream kernel (sm_90a; by default for weights of >= 2^27 values), forced by
+    FP4_CUDA_STREAM_FED=1: 8208 features end in a partial 192-row tile, and 1280 columns are 5
+    whole stages, so block ranges start and end inside tiles; batch 9-16 copies activations too."""
+    monkeypatch.setenv("FP4_CUDA_STREAM_FED", "1")
+    layer = _layer(8208, 1280, dtype, "nf4", double_quant)
+    _check(layer, torch.randn(batch, 1280, device="cuda", dtype=dtype), "gemm")
+
+
+def _cuda_kernel_names(run):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        run()
+        torch.cuda.synchronize()
+    return " ".join(event.key for event in profile.key_averages())
+
+
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+def test_fed_stream_switch_picks_the_kernel(monkeypatch):
+    """FP4_CUDA_STREAM_FED=1 / 0 really switch between the two stream kernels (so the test above
+    runs the fed one), and by default a small weight takes the original."""
+    layer = _layer(528, 1280, torch.float16)
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    x = torch.randn(4, 1280, device="cuda", dtype=torch.float16)
+    for setting, fed in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv("FP4_CUDA_STREAM_FED", setting)
+        names = _cuda_kernel_names(lambda: ops.linear_4bit_prepared(x, args, kernel="gemm"))
+        assert "gemm_stream" in names
+        assert ("gemm_stream_fed_kernel" in names) == fed, (setting, names)
+
+
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
 @pytest.mark.parametrize("batch", [1, 5, 9, 16])
 def test_small_batches_without_room_for_the_stream_kernel(monkeypatch, batch, double_quant):

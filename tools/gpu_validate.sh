@@ -15,8 +15,10 @@ if [ "$what" = tests ] || [ "$what" = sanitize ] || [ "$what" = all ]; then
   # were a real race: the pair-table fill was not ordered before the first lookups.)
   kernels="gemm_large or random_shapes or stream_ranges or unaligned_absmax or \
     (gemm_matches and (3 or 9 or 17 or 65) and float16) or (wgmma and float16 and (17 or 40)) or \
-    wgmma_nested or (cuda and forward and float16)"
-  warp_specialized="(wgmma_gemm_matches and float16 and (65 or 128 or 130 or 257 or 300)) or identical_bits"
+    wgmma_nested or (cuda and forward and float16) or \
+    (fed_stream_matches and float16)"
+  warp_specialized="(wgmma_gemm_matches and float16 and (65 or 128 or 130 or 257 or 300)) or identical_bits or \
+    fed_stream_matches"
   for tool in memcheck racecheck synccheck; do
     case $tool in
       memcheck) selection="$kernels or $warp_specialized" ;;
