@@ -15,8 +15,9 @@ from .quant_state import QuantState
 # Which CUDA kernel serves which batch (fp16/bf16 activations, in_features % 128 == 0 and aligned
 # buffers; otherwise the GEMV up to its largest batch, then dequantize + cuBLAS):
 #   m <= 2 with fewer weights than CUDA_GEMV_MAX_WEIGHTS[m]   the fused GEMV (warp per output feature)
-#   m <= CUDA_GEMM_MAX_BATCH      the fused tensor-core GEMM (stream-K kernel to 16; above, the Hopper
-#                                 wgmma kernels where gemm_uses_wgmma, else the tiled mma.sync one)
+#   m <= CUDA_GEMM_MAX_BATCH      the fused tensor-core GEMM (stream-K kernel to 16, on sm_90a in its
+#                                 producer-fed form for >= 2^27 weights; above, the Hopper wgmma
+#                                 kernels where gemm_uses_wgmma, else the tiled mma.sync one)
 #   m <= CUDA_WGMMA_MAX_BATCH     the same GEMM where it runs wgmma (in_features % 256 == 0; past
 #                                 batch 64 its warp-specialized kernel, cuda/gemm_wgmma_ws.cu)
 #   larger                        dequantize into a temporary, then cuBLAS
