@@ -112,6 +112,29 @@ __device__ __forceinline__ void multiply_half(const uint8_t* table, uint32_t lan
   }
 }
 
+// The lane's activations for half h of chunk c (units 8h + 2t, + 1 of rows nt * 8 + g): from a
+// shared ring (kShared: slot `slot` of `ring_window`, 16 rows of kXRowBytes, unit u of row r at u ^ (r & 7);
+// rows past the batch hold stale values, whose sums are never stored) or through L1 from x_lane
+// (row g's columns 16t on), zero past the batch.
+template <bool kShared, int kXRowBytes, int NT, typename T>
+__device__ __forceinline__ void load_activations(uint4 (&xu)[NT][2], uint32_t ring_window, int slot, const T* x_lane,
+                                                 int64_t m, int64_t k, int64_t c, int j, int h, int g, int t) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int64_t b = nt * 8 + g;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      if constexpr (kShared) {
+        const int unit = 16 * j + 8 * h + 2 * t + u, row = nt * 8 + g;
+        xu[nt][u] = ld_shared_v4(ring_window + uint32_t(slot * 16 + row) * kXRowBytes + ((unit ^ (row & 7)) * 16));
+      } else {
+        xu[nt][u] = b < m ? __ldg(reinterpret_cast<const uint4*>(x_lane + nt * 8 * k + c * kChunk + 64 * h) + u)
+                          : make_uint4(0, 0, 0, 0);
+      }
+    }
+  }
+}
+
 // Adds a warp's sums for features row0 + [0, 16) to the fp32 workspace (those in range) and clears them.
 template <int NT>
 __device__ __forceinline__ void flush_sums(float (&acc)[NT][4], int64_t row0, int g, int t, int64_t m, int64_t n,
@@ -283,20 +306,7 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         uint4 xu[NT][2];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const int64_t b = nt * 8 + g;
-#pragma unroll
-          for (int u = 0; u < 2; ++u) {
-            if constexpr (C::kSharedX) {  // (rows past the batch hold stale values: their sums are never stored)
-              const int unit = 16 * j + 8 * h + 2 * t + u, row = nt * 8 + g;
-              xu[nt][u] = ld_shared_v4(x_ring + uint32_t(x_slot * 16 + row) * C::kXRowBytes + ((unit ^ (row & 7)) * 16));
-            } else {
-              xu[nt][u] = b < m ? __ldg(reinterpret_cast<const uint4*>(x_lane + nt * 8 * k + c * kChunk + 64 * h) + u)
-                                : make_uint4(0, 0, 0, 0);
-            }
-          }
-        }
+        load_activations<C::kSharedX, C::kXRowBytes>(xu, x_ring, x_slot, x_lane, m, k, c, j, h, g, t);
         float sc[2];
         uint32_t sc_pair[2];
         uint2 words[2];
@@ -392,9 +402,10 @@ struct FedConfig {
   static constexpr int kXRowBytes = 512, kXStageBytes = NT == 2 ? 16 * kXRowBytes : 0;
   static constexpr size_t kTableBytes = 256 * 256;
   static constexpr size_t kFixedBytes = 1024 + kTableBytes + kCodeBytes;
-  static constexpr int kStages = std::min<int>(8, int((227 * 1024 - kFixedBytes) / (kStageBytes + kXStageBytes + 48)));
+  static constexpr size_t kBarrierBytes = (kParts + 1) * sizeof(uint64_t);  // FULL per part, EMPTY, per slot
+  static constexpr int kStages = std::min<int>(8, int((227 * 1024 - kFixedBytes) / (kStageBytes + kXStageBytes + kBarrierBytes)));
   static constexpr size_t kSmemBytes =
-      kFixedBytes + kStages * size_t(kStageBytes + kXStageBytes) + (kParts + 1) * kStages * sizeof(uint64_t);
+      kFixedBytes + kStages * (size_t(kStageBytes + kXStageBytes) + kBarrierBytes);
   static_assert(kWarps % 4 == 0, "parts of 4 warps");
   static_assert(kSmemBytes <= 227 * 1024, "one block per SM");
   static_assert(kStages * kTileRows / 8 <= 256, "each slot's scales take kTileRows / 8 spare half rows of the table");
@@ -416,7 +427,8 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
   uint64_t* const full = reinterpret_cast<uint64_t*>(x_ring + S * C::kXStageBytes);  // [slot][part]
   uint64_t* const empty = full + S * C::kParts;                                        // [slot]
   if (threadIdx.x == 0) {
-    for (int s = 0; s < S * C::kParts; ++s) tma::mbarrier_init(full + s, 33);
+    // (FULL: lane 0's expect_tx arrival + each producer lane's arrival when its copies land)
+    for (int s = 0; s < S * C::kParts; ++s) tma::mbarrier_init(full + s, 1 + 32);
     for (int s = 0; s < S; ++s) tma::mbarrier_init(empty + s, C::kWarps);
     tma::fence_barrier_init();
   }
@@ -513,20 +525,7 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         uint4 xu[NT][2];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const int64_t b = nt * 8 + g;
-#pragma unroll
-          for (int u = 0; u < 2; ++u) {
-            if constexpr (NT == 2) {  // (rows past the batch hold stale values: their sums are never stored)
-              const int unit = 16 * j + 8 * h + 2 * t + u, row = nt * 8 + g;
-              xu[nt][u] = ld_shared_v4(x_window + uint32_t(slot * 16 + row) * C::kXRowBytes + ((unit ^ (row & 7)) * 16));
-            } else {
-              xu[nt][u] = b < m ? __ldg(reinterpret_cast<const uint4*>(x_lane + nt * 8 * k + c * kChunk + 64 * h) + u)
-                                : make_uint4(0, 0, 0, 0);
-            }
-          }
-        }
+        load_activations<NT == 2, C::kXRowBytes>(xu, x_window, slot, x_lane, m, k, c, j, h, g, t);
         float sc[2];
         uint2 words[2];
 #pragma unroll
