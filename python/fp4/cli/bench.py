@@ -30,6 +30,19 @@ def parse_shapes(text):
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
 
 
+def weight_bytes_4bit(out_features, in_features):
+    """Bytes of a 4-bit weight with fp32 absmax per 64 values: what a call must read."""
+    return out_features * in_features / 2 + out_features * in_features / 64 * 4
+
+
+def copies_beyond_l2(out_features, in_features, device):
+    """How many copies of a layer to call in turn so each call reads its weight from DRAM (twice the
+    50 MB L2 in all, at most 64); one on the CPU."""
+    if device.type == "cpu":
+        return 1
+    return min(64, max(2, int(2 * L2_BYTES // weight_bytes_4bit(out_features, in_features)) + 1))
+
+
 def _bnb_layer(linear, dtype, quant_type, device):
     try:
         with warnings.catch_warnings():
@@ -132,9 +145,7 @@ def _cpu_time(layers, x, repeats):
 
 
 def bench_one(out_f, in_f, batch, dtype, quant_type, device, repeats, kernels=False, peers=True):
-    weight_bytes_4bit = out_f * in_f / 2 + out_f * in_f / 64 * 4
-    copies = 1 if device.type == "cpu" else max(2, int(2 * L2_BYTES // weight_bytes_4bit) + 1)
-    copies = min(copies, 64)
+    copies = copies_beyond_l2(out_f, in_f, device)
     dense = [nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype) for _ in range(copies)]
     ours = [fp4.FP4Linear.from_linear(d, quant_type=quant_type) for d in dense]
     x = torch.randn(batch, in_f, device=device, dtype=dtype)
@@ -164,7 +175,7 @@ def bench_one(out_f, in_f, batch, dtype, quant_type, device, repeats, kernels=Fa
                                                                                        ours[0].quant_state)):
                 continue
             result[f"fp4_{kernel}_us"] = timer([_ForcedKernel(layer, kernel) for layer in ours], x, repeats)
-    floor_us = weight_bytes_4bit / PEAK_COPY_BW * 1e6
+    floor_us = weight_bytes_4bit(out_f, in_f) / PEAK_COPY_BW * 1e6
     result["floor_us"] = floor_us
     result["fp4_pct_floor"] = 100 * floor_us / result["fp4_us"] if device.type == "cuda" else None
     with torch.inference_mode():
