@@ -163,6 +163,45 @@ def test_to_device_moves_the_quantized_weight():
     torch.testing.assert_close(layer(x.cuda()).cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("isa", ["native", "avx2"])
+@pytest.mark.parametrize("nested_blocksize", [100, 7])
+@pytest.mark.parametrize("blocksize,in_features", [(32, 2048), (4096, 8192)])
+def test_cpu_tile_kernel_scales_and_shapes(monkeypatch, isa, nested_blocksize, blocksize, in_features):
+    """The CPU tile kernel (rows that start on a block boundary: several weight rows x input rows per
+    pass, block scales gathered a run at a time) with nested groups that straddle those runs (100,
+    7 blocks), rows of 64 blocks and of two, features and batches that leave partial tiles; against
+    fp64 of the same dequantized weight."""
+    from fp4 import ops
+    if isa != "native":
+        monkeypatch.setenv("FP4_CPU_ISA", isa)
+    torch.manual_seed(0)
+    layer = fp4.FP4Linear.from_linear(nn.Linear(in_features, 23), quant_type="nf4", blocksize=blocksize)
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    # Re-quantize the fp32 block scales to 8-bit codes in groups of nested_blocksize (the
+    # bitsandbytes order: code * group absmax + mean) and dequantize with what they decode to.
+    absmax = args.scales
+    offset = absmax.mean()
+    groups = -(-absmax.numel() // nested_blocksize)
+    group_of = torch.arange(absmax.numel()) // nested_blocksize
+    padded = torch.zeros(groups * nested_blocksize)
+    padded[: absmax.numel()] = (absmax - offset).abs()
+    group_absmax = padded.view(groups, nested_blocksize).amax(1).clamp_min(1e-12)
+    nested_code = layer.quant_state.state2.code if layer.quant_state.state2 is not None else \
+        fp4.FP4Linear.from_linear(nn.Linear(64, 64), "nf4", 64, True).quant_state.state2.code
+    codes = ((absmax - offset) / group_absmax[group_of])[:, None].sub(nested_code[None, :]).abs().argmin(1)
+    decoded = nested_code[codes] * group_absmax[group_of] + offset
+    nested = ops.KernelArgs(args.codes, codes.to(torch.uint8), "nf4", blocksize, (23, in_features),
+                            nested_absmax=group_absmax, nested_code=nested_code, nested_offset=offset.reshape(1),
+                            nested_blocksize=nested_blocksize)
+    weight = torch.empty(23, in_features)
+    F.dequantize_4bit(layer.weight, absmax=decoded, out=weight, blocksize=blocksize, quant_type="nf4")
+    for batch in (1, 3, 6):
+        x = torch.randn(batch, in_features)
+        y = ops.linear_4bit_prepared(x, nested, layer.bias)
+        ref = x.double() @ weight.double().t() + layer.bias.double()
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
 @pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
 @pytest.mark.parametrize("in_features", [1024, 200, 7])
 def test_cpu_kernels_agree_on_every_isa(monkeypatch, isa, in_features):

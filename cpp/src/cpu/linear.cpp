@@ -28,7 +28,8 @@ namespace {
 constexpr int kRowsPerPass = 8;  // input rows sharing one decode
 
 struct Problem {
-  const float* x;  // [m, k] fp32
+  const float* x;       // [m, k] fp32
+  const float* x_tile;  // the same in the tile kernel's lane order (Vec::kTileLane), or null
   int64_t m, k, n, blocksize;
   const uint8_t* packed;
   const fp4_scales* scales;
@@ -90,6 +91,17 @@ struct Vec {
     const __m256 select = _mm256_castsi256_ps(_mm256_slli_epi32(q, 28));
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, q), _mm256_permutevar8x32_ps(t.hi, q), select);
   }
+  // The same from one broadcast word: each lane shifts its own nibble down (the permutes read only
+  // an index's low 3 bits, the blend its top bit), in element order.
+  static constexpr int kTileFeatures = 2, kTileRows = 3;  // (16 registers)
+  static constexpr int kTileLane[kWidth] = {0, 1, 2, 3, 4, 5, 6, 7};
+  static V decode_tile(const uint8_t* bytes, const Table& t) {
+    int word;
+    std::memcpy(&word, bytes, 4);
+    const __m256i q = _mm256_srlv_epi32(_mm256_set1_epi32(word), _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24));
+    const __m256 select = _mm256_castsi256_ps(_mm256_slli_epi32(q, 28));
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, q), _mm256_permutevar8x32_ps(t.hi, q), select);
+  }
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
@@ -104,9 +116,10 @@ struct Vec {
 FP4_TARGET_END
 
 #if defined(__GNUC__) && !defined(__clang__)
-// GCC 12's own avx512fintrin.h trips -Wmaybe-uninitialized (its _mm512_undefined_* idiom).
+// GCC 12's own avx512fintrin.h trips -W(maybe-)uninitialized (its _mm*_undefined_* idiom).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 FP4_TARGET_BEGIN("avx512f,avx512bw,avx2,fma")
 namespace avx512 {
@@ -125,6 +138,18 @@ struct Vec {
     const __m512i lanes = _mm512_cvtepu8_epi32(dup);
     const __m512i shift = _mm512_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0);
     const __m512i q = _mm512_and_si512(_mm512_srlv_epi32(lanes, shift), _mm512_set1_epi32(15));
+    return _mm512_permutexvar_ps(q, t);
+  }
+  // 16 weights from 8 bytes in three instructions: the bytes broadcast to every 64-bit lane, lane L
+  // shifted to nibble L / 2 of its dword (L % 2), and the permute, which reads only an index's low 4
+  // bits. Lane L then holds element kTileLane[L] of the 16, the order x_tile is laid out in.
+  static constexpr int kTileFeatures = 4, kTileRows = 4;  // 16 accumulators of 32 registers
+  static constexpr int kTileLane[kWidth] = {1, 9, 0, 8, 3, 11, 2, 10, 5, 13, 4, 12, 7, 15, 6, 14};
+  static V decode_tile(const uint8_t* bytes, const Table& t) {
+    long long word;
+    std::memcpy(&word, bytes, 8);
+    const __m512i q = _mm512_srlv_epi32(_mm512_set1_epi64(word),
+                                        _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28));
     return _mm512_permutexvar_ps(q, t);
   }
   static V zero() { return _mm512_setzero_ps(); }
@@ -148,6 +173,20 @@ Isa best_isa() {
                                                                                               : Isa::kGeneric;
   return isa;
 }
+
+// The ISA a call uses: the best one the CPU has whose vector width divides k (the vector kernels
+// need every row and block segment to start on a vector boundary), or a lower one forced by
+// FP4_CPU_ISA=avx2 / generic (testing).
+Isa chosen_isa(int64_t k) {
+  Isa isa = best_isa();
+  if (isa == Isa::kAvx512 && k % 16 != 0) isa = Isa::kAvx2;
+  if (isa == Isa::kAvx2 && k % 8 != 0) isa = Isa::kGeneric;
+  if (const char* forced = std::getenv("FP4_CPU_ISA")) {
+    if (std::strcmp(forced, "generic") == 0) isa = Isa::kGeneric;
+    if (std::strcmp(forced, "avx2") == 0 && isa == Isa::kAvx512) isa = Isa::kAvx2;
+  }
+  return isa;
+}
 #endif
 
 template <typename T>
@@ -155,9 +194,63 @@ void to_fp32(const T* in, int64_t count, float* out) {
   for (int64_t i = 0; i < count; ++i) out[i] = to_float(in[i]);
 }
 
+#ifdef FP4_X86
+// x[m, k] as fp32 in the tile kernel's lane order: within each chunk of Vec::kWidth columns, lane L
+// holds column kTileLane[L]. 64-byte aligned (loads from a std::vector's 16-byte alignment split
+// cache lines: batch 16 in bf16 ran at half the fp32 speed).
+template <typename Vec, typename T>
+float* tile_activations(const T* x, int64_t m, int64_t k, std::vector<float>& storage) {
+  storage.resize(size_t(m * k) + 16);
+  float* out = storage.data() + (16 - reinterpret_cast<uintptr_t>(storage.data()) / 4 % 16) % 16;
+  for (int64_t row = 0; row < m; ++row)
+    for (int64_t c = 0; c < k; c += Vec::kWidth)
+      for (int lane = 0; lane < Vec::kWidth; ++lane)
+        out[row * k + c + lane] = to_float(x[row * k + c + Vec::kTileLane[lane]]);
+  return out;
+}
+
+// y = x W^T + b by tiles of kTileFeatures weight rows x kTileRows input rows (k % blocksize == 0).
+using TileKernel = void (*)(const Problem& p, int64_t j0, int features, int64_t r0, int rows, float* out);
+template <typename Vec, typename T>
+void linear_tiled(const Problem& p, TileKernel tile, const T* bias, T* y) {
+  constexpr int F = Vec::kTileFeatures, R = Vec::kTileRows;
+  // Enough output features per task that each thread streams a long run of weight rows; a weight
+  // row group's bytes stay in L1 while it meets every row group of x.
+  const int64_t grain = (std::max<int64_t>(F, 16384 / p.k) + F - 1) / F * F;
+  parallel_for(p.n, grain, [&](int64_t j_begin, int64_t j_end) {
+    float out[F * R];
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += F) {
+      const int features = int(std::min<int64_t>(F, j_end - j0));
+      for (int64_t r0 = 0; r0 < p.m; r0 += R) {
+        const int rows = int(std::min<int64_t>(R, p.m - r0));
+        tile(p, j0, features, r0, rows, out);
+        for (int f = 0; f < features; ++f) {
+          const float b = bias ? to_float(bias[j0 + f]) : 0.0f;
+          for (int r = 0; r < rows; ++r) y[(r0 + r) * p.n + j0 + f] = from_float<T>(out[f * rows + r] + b);
+        }
+      }
+    }
+  });
+}
+#endif
+
 template <typename T>
 void linear_typed(fp4_quant_type type, const T* x, int64_t m, int64_t k, const uint8_t* packed,
                   const fp4_scales& scales, int64_t n, int64_t blocksize, const T* bias, T* y) {
+#ifdef FP4_X86
+  // Rows that start on a block boundary take the tile kernel.
+  const Isa tile_isa = chosen_isa(k);
+  if (tile_isa != Isa::kGeneric && k % blocksize == 0) {
+    std::vector<float> storage;
+    Problem p{nullptr, nullptr, m, k, n, blocksize, packed, &scales, &codebook(type)};
+    if (tile_isa == Isa::kAvx512) {
+      p.x_tile = tile_activations<avx512::Vec>(x, m, k, storage);
+      return linear_tiled<avx512::Vec>(p, avx512::tile, bias, y);
+    }
+    p.x_tile = tile_activations<avx2::Vec>(x, m, k, storage);
+    return linear_tiled<avx2::Vec>(p, avx2::tile, bias, y);
+  }
+#endif
   std::vector<float> xf;
   const float* x32;
   if constexpr (std::is_same_v<T, float>) {
@@ -167,16 +260,9 @@ void linear_typed(fp4_quant_type type, const T* x, int64_t m, int64_t k, const u
     to_fp32(x, m * k, xf.data());
     x32 = xf.data();
   }
-  const Problem p{x32, m, k, n, blocksize, packed, &scales, &codebook(type)};
-  // The vector kernels need every row and block segment to start on a vector boundary.
+  const Problem p{x32, nullptr, m, k, n, blocksize, packed, &scales, &codebook(type)};
 #ifdef FP4_X86
-  Isa isa = best_isa();
-  if (isa == Isa::kAvx512 && k % 16 != 0) isa = Isa::kAvx2;
-  if (isa == Isa::kAvx2 && k % 8 != 0) isa = Isa::kGeneric;
-  if (const char* forced = std::getenv("FP4_CPU_ISA")) {  // testing: force a lower ISA
-    if (std::strcmp(forced, "generic") == 0) isa = Isa::kGeneric;
-    if (std::strcmp(forced, "avx2") == 0 && isa == Isa::kAvx512) isa = Isa::kAvx2;
-  }
+  const Isa isa = chosen_isa(k);
 #endif
   // Enough output features per task that each thread streams a long run of weight rows.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));

@@ -18,4 +18,20 @@ inline float block_scale(const fp4_scales& s, int64_t block) {
   return scaled + *s.nested_offset;
 }
 
+// The scales of blocks [first, first + count), as block_scale gives them, without a division per
+// block (one for the first block's nested group, then a countdown).
+inline void fill_block_scales(const fp4_scales& s, int64_t first, int count, float* out) {
+  if (!is_nested(s)) {
+    for (int c = 0; c < count; ++c) out[c] = s.absmax[first + c];
+    return;
+  }
+  int64_t group = first / s.nested_blocksize, left = s.nested_blocksize - first % s.nested_blocksize;
+  for (int c = 0; c < count; ++c) {
+    if (left == 0) ++group, left = s.nested_blocksize;
+    --left;
+    const float scaled = s.nested_code[s.nested_codes[first + c]] * s.absmax[group];
+    out[c] = scaled + *s.nested_offset;
+  }
+}
+
 }  // namespace fp4::cpu
