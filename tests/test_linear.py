@@ -163,6 +163,42 @@ def test_to_device_moves_the_quantized_weight():
     torch.testing.assert_close(layer(x.cuda()).cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("blocksize,double_quant", [(64, False), (32, True), (4096, True)])
+def test_cpu_bf16_amx_and_vector_tiles_agree(monkeypatch, blocksize, double_quant):
+    """bf16 batches >= 4 run on AMX tiles where the CPU has them: 16 weight rows x 32 columns decoded
+    to bf16 per tile, batches in 16-row tiles, 6 of them per pass (100 rows: two passes, the last
+    tile partial), 37 features (a partial tile). Against fp64, and against the vector kernel
+    (FP4_CPU_ISA=avx512) within bf16 output rounding."""
+    torch.manual_seed(0)
+    layer = fp4.FP4Linear.from_linear(nn.Linear(8192, 37).to(torch.bfloat16), quant_type="nf4", blocksize=blocksize,
+                                      double_quant=double_quant)
+    for batch in (1, 4, 17, 100):
+        x = torch.randn(batch, 8192, dtype=torch.bfloat16)
+        ref = _reference(layer, x)
+        y = layer(x)
+        monkeypatch.setenv("FP4_CPU_ISA", "avx512")
+        y_vector = layer(x)
+        monkeypatch.delenv("FP4_CPU_ISA")
+        assert ((y.double() - ref).norm() / ref.norm()).item() < TOL[torch.bfloat16]
+        assert ((y.double() - y_vector.double()).norm() / ref.norm()).item() < 1e-2
+
+
+def test_cpu_kernels_report_what_runs(monkeypatch):
+    """fp4_cpu_kernels names the CPU path: AMX tiles wherever the CPU lists AMX-BF16 (Linux flags),
+    and FP4_CPU_ISA lowers it."""
+    from fp4 import _C
+    assert _C.cpu_kernels() in ("avx512 amx-bf16", "avx512", "avx2", "generic")
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        flags = set()
+    if {"amx_bf16", "amx_tile", "avx512bw", "avx512vbmi"} <= flags:
+        assert _C.cpu_kernels() == "avx512 amx-bf16"
+    for isa, expected in (("avx512", "avx512"), ("generic", "generic")):
+        monkeypatch.setenv("FP4_CPU_ISA", isa)
+        assert _C.cpu_kernels() == expected or (isa == "avx512" and _C.cpu_kernels() in ("avx2", "generic"))
+
+
 @pytest.mark.parametrize("isa", ["native", "avx2"])
 @pytest.mark.parametrize("nested_blocksize", [100, 7])
 @pytest.mark.parametrize("blocksize,in_features", [(32, 2048), (4096, 8192)])
@@ -202,7 +238,7 @@ def test_cpu_tile_kernel_scales_and_shapes(monkeypatch, isa, nested_blocksize, b
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
-@pytest.mark.parametrize("isa", ["native", "avx2", "generic"])
+@pytest.mark.parametrize("isa", ["native", "avx512", "avx2", "generic"])
 @pytest.mark.parametrize("in_features", [1024, 200, 7])
 def test_cpu_kernels_agree_on_every_isa(monkeypatch, isa, in_features):
     """Each CPU code path (AVX-512 / AVX2 / scalar, forced lower with FP4_CPU_ISA) against fp64."""

@@ -118,6 +118,8 @@ fp4_status fp4_set_num_threads(int num_threads) {
 
 int fp4_get_num_threads(void) { return cpu::num_threads(); }
 
+const char* fp4_cpu_kernels(void) { return cpu::linear_kernels(); }
+
 int64_t fp4_num_blocks(int64_t n, int64_t blocksize) {
   if (n < 0 || blocksize <= 0) return -1;
   return (n + blocksize - 1) / blocksize;

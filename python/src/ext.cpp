@@ -371,6 +371,8 @@ NB_MODULE(_C, m) {
   m.doc() = "libfp4 bindings: DLPack arrays in, C API calls out. Use fp4.functional, not this module.";
   m.def("version", &fp4_version, "libfp4's version string.");
   m.def("cuda_built", [] { return fp4_cuda_built() != 0; }, "True when libfp4 was built with CUDA kernels.");
+  m.def("cpu_kernels", &fp4_cpu_kernels,
+        "The CPU linear kernels this machine runs (\"avx512 amx-bf16\", \"avx512\", \"avx2\", \"generic\").");
   m.def("cuda_archs", &fp4_cuda_archs, "The CUDA architectures compiled into libfp4 (space-separated).");
   m.def("build_config", [] {
     nb::dict out;

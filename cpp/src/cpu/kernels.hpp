@@ -15,6 +15,8 @@ void dequantize_4bit(fp4_quant_type type, const uint8_t* packed, const fp4_scale
 
 void linear_4bit(fp4_quant_type type, const void* x, fp4_dtype dtype, int64_t m, int64_t k, const uint8_t* packed,
                  const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias, void* y);
+// What fp4_cpu_kernels reports (a static string).
+const char* linear_kernels();
 
 void compress_absmax(const float* absmax, int64_t num_blocks, const float* code, int64_t nested_blocksize,
                      float* offset, bool offset_is_input, uint8_t* codes_out, float* absmax2_out);

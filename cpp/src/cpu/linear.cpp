@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -17,6 +18,7 @@
 #endif
 
 #include "cpu/kernels.hpp"
+#include "cpu/linear_amx.hpp"
 #include "cpu/parallel.hpp"
 #include "cpu/scales.hpp"
 #include "dtypes.hpp"
@@ -26,6 +28,7 @@ namespace fp4::cpu {
 namespace {
 
 constexpr int kRowsPerPass = 8;  // input rows sharing one decode
+constexpr int64_t kAmxMinBatch = 4;  // bf16 batches that take AMX tiles (see linear_amx.cpp)
 
 struct Problem {
   const float* x;       // [m, k] fp32
@@ -176,7 +179,7 @@ Isa best_isa() {
 
 // The ISA a call uses: the best one the CPU has whose vector width divides k (the vector kernels
 // need every row and block segment to start on a vector boundary), or a lower one forced by
-// FP4_CPU_ISA=avx2 / generic (testing).
+// FP4_CPU_ISA=avx512 (no AMX) / avx2 / generic (testing).
 Isa chosen_isa(int64_t k) {
   Isa isa = best_isa();
   if (isa == Isa::kAvx512 && k % 16 != 0) isa = Isa::kAvx2;
@@ -186,6 +189,10 @@ Isa chosen_isa(int64_t k) {
     if (std::strcmp(forced, "avx2") == 0 && isa == Isa::kAvx512) isa = Isa::kAvx2;
   }
   return isa;
+}
+bool amx_forced_off() {
+  const char* forced = std::getenv("FP4_CPU_ISA");
+  return forced != nullptr && forced[0] != '\0';
 }
 #endif
 
@@ -238,8 +245,14 @@ template <typename T>
 void linear_typed(fp4_quant_type type, const T* x, int64_t m, int64_t k, const uint8_t* packed,
                   const fp4_scales& scales, int64_t n, int64_t blocksize, const T* bias, T* y) {
 #ifdef FP4_X86
-  // Rows that start on a block boundary take the tile kernel.
+  // Rows that start on a block boundary take a tile kernel: AMX tiles for bf16 from batch
+  // kAmxMinBatch on (where the CPU has them), else vector tiles.
   const Isa tile_isa = chosen_isa(k);
+  if constexpr (std::is_same_v<T, bfloat16_t>) {
+    if (tile_isa == Isa::kAvx512 && m >= kAmxMinBatch && k % 32 == 0 && k % blocksize == 0 && !amx_forced_off() &&
+        amx_bf16_usable())
+      return linear_amx_bf16(x, m, k, packed, scales, n, blocksize, codebook(type), bias, y);
+  }
   if (tile_isa != Isa::kGeneric && k % blocksize == 0) {
     std::vector<float> storage;
     Problem p{nullptr, nullptr, m, k, n, blocksize, packed, &scales, &codebook(type)};
@@ -290,6 +303,17 @@ void linear_typed(fp4_quant_type type, const T* x, int64_t m, int64_t k, const u
 }
 
 }  // namespace
+
+const char* linear_kernels() {
+#ifdef FP4_X86
+  switch (chosen_isa(1024)) {
+    case Isa::kAvx512: return !amx_forced_off() && amx_bf16_usable() ? "avx512 amx-bf16" : "avx512";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kGeneric: break;
+  }
+#endif
+  return "generic";
+}
 
 void linear_4bit(fp4_quant_type type, const void* x, fp4_dtype dtype, int64_t m, int64_t k, const uint8_t* packed,
                  const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias, void* y) {

@@ -20,6 +20,7 @@ def describe() -> dict:
         "wgmma_gemm": ", ".join(f"cuda:{i} {'yes' if _C.gemm_4bit_uses_wgmma(i) else 'no'}"
                                 for i in range(_C.cuda_device_count())) or "-",
         "cpu_threads": _C.get_num_threads(),
+        "cpu_kernels": _C.cpu_kernels(),
         "cmake_dir": fp4.cmake_dir(),
         "include_dir": fp4.include_dir(),
     }
