@@ -163,24 +163,26 @@ def test_to_device_moves_the_quantized_weight():
     torch.testing.assert_close(layer(x.cuda()).cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("blocksize,double_quant", [(64, False), (32, True), (4096, True)])
-def test_cpu_bf16_amx_and_vector_tiles_agree(monkeypatch, blocksize, double_quant):
-    """bf16 batches >= 4 run on AMX tiles where the CPU has them: 16 weight rows x 32 columns decoded
-    to bf16 per tile, batches in 16-row tiles, 6 of them per pass (100 rows: two passes, the last
+def test_cpu_amx_and_vector_tiles_agree(monkeypatch, dtype, blocksize, double_quant):
+    """Batches from 4 (bf16), 8 (fp16) or 16 (fp32) on run on AMX tiles where the CPU has them: 16
+    weight rows x 32 columns decoded to bf16 per tile (fp16 / fp32 split into 2 / 3 exact bf16
+    parts), batches in 16-row tiles, 6 / 5 / 4 of them per pass (100 rows: several passes, the last
     tile partial), 37 features (a partial tile). Against fp64, and against the vector kernel
-    (FP4_CPU_ISA=avx512) within bf16 output rounding."""
+    (FP4_CPU_ISA=avx512) within the dtype's output rounding."""
     torch.manual_seed(0)
-    layer = fp4.FP4Linear.from_linear(nn.Linear(8192, 37).to(torch.bfloat16), quant_type="nf4", blocksize=blocksize,
+    layer = fp4.FP4Linear.from_linear(nn.Linear(8192, 37).to(dtype), quant_type="nf4", blocksize=blocksize,
                                       double_quant=double_quant)
-    for batch in (1, 4, 17, 100):
-        x = torch.randn(batch, 8192, dtype=torch.bfloat16)
+    for batch in (1, 4, 8, 17, 100):
+        x = torch.randn(batch, 8192, dtype=dtype)
         ref = _reference(layer, x)
         y = layer(x)
         monkeypatch.setenv("FP4_CPU_ISA", "avx512")
         y_vector = layer(x)
         monkeypatch.delenv("FP4_CPU_ISA")
-        assert ((y.double() - ref).norm() / ref.norm()).item() < TOL[torch.bfloat16]
-        assert ((y.double() - y_vector.double()).norm() / ref.norm()).item() < 1e-2
+        assert ((y.double() - ref).norm() / ref.norm()).item() < TOL[dtype]
+        assert ((y.double() - y_vector.double()).norm() / ref.norm()).item() < {torch.bfloat16: 1e-2}.get(dtype, TOL[dtype])
 
 
 def test_cpu_kernels_report_what_runs(monkeypatch):

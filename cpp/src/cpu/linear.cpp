@@ -28,7 +28,12 @@ namespace fp4::cpu {
 namespace {
 
 constexpr int kRowsPerPass = 8;  // input rows sharing one decode
-constexpr int64_t kAmxMinBatch = 4;  // bf16 batches that take AMX tiles (see linear_amx.cpp)
+// The smallest batches that take AMX tiles, per activation type (see linear_amx.cpp). Measured on a
+// 2-core Sapphire Rapids VM, (4096, 4096), us, AMX / vector kernel: bf16 batch 4 840 / 951; fp16
+// 4 1328 / 913, 8 1397 / 1599, 16 1626 / 3111; fp32 8 1824 / 1661, 16 2340 / 3089, 64 5489 / 12085
+// (fp16 and fp32 split into 2 and 3 bf16 parts: more decode per weight and 3 or 6 tile products).
+template <typename T>
+constexpr int64_t kAmxMinBatch = std::is_same_v<T, bfloat16_t> ? 4 : std::is_same_v<T, half_t> ? 8 : 16;
 
 struct Problem {
   const float* x;       // [m, k] fp32
@@ -245,14 +250,12 @@ template <typename T>
 void linear_typed(fp4_quant_type type, const T* x, int64_t m, int64_t k, const uint8_t* packed,
                   const fp4_scales& scales, int64_t n, int64_t blocksize, const T* bias, T* y) {
 #ifdef FP4_X86
-  // Rows that start on a block boundary take a tile kernel: AMX tiles for bf16 from batch
-  // kAmxMinBatch on (where the CPU has them), else vector tiles.
+  // Rows that start on a block boundary take a tile kernel: AMX tiles from batch kAmxMinBatch on
+  // (where the CPU has them), else vector tiles.
   const Isa tile_isa = chosen_isa(k);
-  if constexpr (std::is_same_v<T, bfloat16_t>) {
-    if (tile_isa == Isa::kAvx512 && m >= kAmxMinBatch && k % 32 == 0 && k % blocksize == 0 && !amx_forced_off() &&
-        amx_bf16_usable())
-      return linear_amx_bf16(x, m, k, packed, scales, n, blocksize, codebook(type), bias, y);
-  }
+  if (tile_isa == Isa::kAvx512 && m >= kAmxMinBatch<T> && k % 32 == 0 && k % blocksize == 0 && !amx_forced_off() &&
+      amx_bf16_usable())
+    return linear_amx(x, m, k, packed, scales, n, blocksize, codebook(type), bias, y);
   if (tile_isa != Isa::kGeneric && k % blocksize == 0) {
     std::vector<float> storage;
     Problem p{nullptr, nullptr, m, k, n, blocksize, packed, &scales, &codebook(type)};

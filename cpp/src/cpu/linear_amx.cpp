@@ -1,17 +1,24 @@
-// The 4-bit linear layer for bf16 activations on Intel AMX (Sapphire Rapids and later).
+// The 4-bit linear layer on Intel AMX tiles (Sapphire Rapids and later).
 //
 // y^T = W x^T one tile at a time: an A tile is 16 weight rows x 32 columns decoded to bf16, a B tile
 // 32 columns x 16 input rows of x in the pairwise (VNNI) layout the tile dot product reads, and a
-// C tile 16 x 16 fp32 sums held in a tile register across the whole row. Each A tile serves up to 6
-// C tiles (96 input rows) before the next is decoded, so the layer is bound by the decode: three
+// C tile 16 x 16 fp32 sums held in a tile register across the whole row. Each decoded A tile serves
+// every C tile of the pass before the next is decoded, so the layer is bound by the decode: three
 // vector instructions per 32 weights (a byte permute that spreads the 16 bytes over 32 words, a
 // per-word shift to its nibble, a word permute over the block's 16 bf16 values), against the
-// per-row FMA kernel's one FMA per 16 weights per input row. Weights are code * scale rounded to
-// bf16, as bitsandbytes dequantizes them for a bf16 matmul; sums are fp32.
+// vector kernel's one FMA per 16 weights per input row.
+//
+// Tiles multiply bf16, so wider activations are split exactly into P bf16 parts (fp16: 2, whose 11
+// significant bits fit in 16; fp32: 3) and so are the fp32 weights code * scale (truncated parts
+// and a rounded last one: 16 or 24 significant bits), and the tile products a_i b_j with i + j < P
+// are summed (3 or 6 per tile; the ones left out are below 2^-16 / 2^-24 of the product). bf16
+// activations take the weights rounded to bf16 (P = 1), as bitsandbytes dequantizes them for a
+// bf16 matmul. Sums are fp32 throughout.
 #include "cpu/linear_amx.hpp"
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/parallel.hpp"
@@ -29,9 +36,8 @@ namespace fp4::cpu {
 #ifdef FP4_AMX
 namespace {
 
-constexpr int kTileRows = 16;    // A and C rows: weight rows; B and C columns: input rows
-constexpr int kTileCols = 32;    // bf16 columns of an A row (64 bytes)
-constexpr int kMaxCTiles = 6;    // tiles 2..7 hold sums; 0 is A, 1 is B
+constexpr int kTileRows = 16;  // A and C rows: weight rows; B and C columns: input rows
+constexpr int kTileCols = 32;  // bf16 columns of an A row (64 bytes)
 constexpr long kReqTilePermission = 0x1023, kTileDataFeature = 18;  // arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)
 
 bool cpu_has_amx_bf16() {
@@ -47,6 +53,25 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
+// The bf16 parts of an activation type: tiles 0..P-1 hold the A parts, tile P the B part being
+// used, tiles P+1..7 the sums.
+template <typename T>
+constexpr int kParts = std::is_same_v<T, bfloat16_t> ? 1 : std::is_same_v<T, half_t> ? 2 : 3;
+
+// Splits v into P bf16 parts whose sum is v (P = 1: v rounded to nearest even).
+template <int P>
+void split_bf16(float v, uint16_t (&parts)[P]) {
+  for (int i = 0; i < P; ++i) {
+    const uint32_t u = float_to_bits(v);
+    if (i == P - 1) {
+      parts[i] = from_float<bfloat16_t>(v).bits;
+    } else {
+      parts[i] = uint16_t(u >> 16);  // truncated: the rest is exact in fp32
+      v -= bits_to_float(u & 0xffff0000u);
+    }
+  }
+}
+
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,avx512bf16,avx512vl"))), \
                              apply_to = function)
@@ -59,57 +84,95 @@ struct TileConfig {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
-// The block's 16 scaled codes as bf16, twice (the word permute reads an index's low 5 bits).
-__m512i code_table(const float* code, float scale) {
-  const __m256bh values = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale)));
-  const __m256i v = (__m256i)values;
-  return _mm512_inserti64x4(_mm512_castsi256_si512(v), v, 1);
+// 16 bf16 values, twice (the word permute reads an index's low 5 bits).
+__m512i twice(__m256i v) { return _mm512_inserti64x4(_mm512_castsi256_si512(v), v, 1); }
+
+// The block's 16 scaled codes in P bf16 parts, each twice.
+template <int P>
+void code_tables(const float* code, float scale, __m512i (&tables)[P]) {
+  __m512 rest = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale));
+  for (int i = 0; i < P; ++i) {
+    if (i == P - 1) {
+      tables[i] = twice((__m256i)_mm512_cvtneps_pbh(rest));
+    } else {
+      const __m512i bits = _mm512_castps_si512(rest);
+      tables[i] = twice(_mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+      rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(int(0xffff0000u)))));
+    }
+  }
 }
 
-// 32 weights from 16 bytes, in element order (high nibble first within a byte), as bf16.
-__m512i decode32(const uint8_t* bytes, __m512i table) {
-  // Word w takes byte w / 2 (odd bytes of the vector zeroed), shifted so its nibble is lowest.
+// The code indices of 32 weights from 16 bytes, one per word in element order (high nibble first
+// within a byte), in each word's low 4 bits.
+__m512i code_indices(const uint8_t* bytes) {
+  // Word w takes byte w / 2 (the odd bytes of the vector zeroed), shifted so its nibble is lowest.
   const __m512i spread = _mm512_set_epi8(
       0, 15, 0, 15, 0, 14, 0, 14, 0, 13, 0, 13, 0, 12, 0, 12, 0, 11, 0, 11, 0, 10, 0, 10, 0, 9, 0, 9, 0, 8, 0, 8,
       0, 7, 0, 7, 0, 6, 0, 6, 0, 5, 0, 5, 0, 4, 0, 4, 0, 3, 0, 3, 0, 2, 0, 2, 0, 1, 0, 1, 0, 0, 0, 0);
   const __m512i shift = _mm512_set_epi16(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4,
                                          0, 4, 0, 4, 0, 4, 0, 4);
   const __m512i raw = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-  const __m512i words = _mm512_maskz_permutexvar_epi8(0x5555555555555555ULL, spread, raw);
-  return _mm512_permutexvar_epi16(_mm512_srlv_epi16(words, shift), table);
+  return _mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(0x5555555555555555ULL, spread, raw), shift);
 }
 
-// C tile t (tile register 2 + t) += A x B.
-void dot_into(int t) {
-  switch (t) {
-    case 0: _tile_dpbf16ps(2, 0, 1); break;
-    case 1: _tile_dpbf16ps(3, 0, 1); break;
-    case 2: _tile_dpbf16ps(4, 0, 1); break;
-    case 3: _tile_dpbf16ps(5, 0, 1); break;
-    case 4: _tile_dpbf16ps(6, 0, 1); break;
-    default: _tile_dpbf16ps(7, 0, 1); break;
+// The tile instructions name their registers in the instruction (GCC's intrinsics paste the
+// literal into the assembly), so these take a register number at run time through a switch.
+#define FP4_TILE_CASE(t, statement) \
+  case t:                           \
+    statement;                      \
+    break;
+void tile_load(int tile, const void* p) {
+  switch (tile) {
+    FP4_TILE_CASE(0, _tile_loadd(0, p, 64)) FP4_TILE_CASE(1, _tile_loadd(1, p, 64))
+    FP4_TILE_CASE(2, _tile_loadd(2, p, 64)) FP4_TILE_CASE(3, _tile_loadd(3, p, 64))
   }
 }
-void store_sums(int t, float* out) {
-  switch (t) {
-    case 0: _tile_stored(2, out, 64); break;
-    case 1: _tile_stored(3, out, 64); break;
-    case 2: _tile_stored(4, out, 64); break;
-    case 3: _tile_stored(5, out, 64); break;
-    case 4: _tile_stored(6, out, 64); break;
-    default: _tile_stored(7, out, 64); break;
+void tile_zero(int tile) {
+  switch (tile) {
+    FP4_TILE_CASE(2, _tile_zero(2)) FP4_TILE_CASE(3, _tile_zero(3)) FP4_TILE_CASE(4, _tile_zero(4))
+    FP4_TILE_CASE(5, _tile_zero(5)) FP4_TILE_CASE(6, _tile_zero(6)) FP4_TILE_CASE(7, _tile_zero(7))
   }
+}
+void tile_store(int tile, void* p) {
+  switch (tile) {
+    FP4_TILE_CASE(2, _tile_stored(2, p, 64)) FP4_TILE_CASE(3, _tile_stored(3, p, 64))
+    FP4_TILE_CASE(4, _tile_stored(4, p, 64)) FP4_TILE_CASE(5, _tile_stored(5, p, 64))
+    FP4_TILE_CASE(6, _tile_stored(6, p, 64)) FP4_TILE_CASE(7, _tile_stored(7, p, 64))
+  }
+}
+// Tile c += tile a x tile b, for the (c, a, b) the kernel uses: b = P, a < P, c > P.
+#define FP4_TILE_DOT(c, a, b) FP4_TILE_CASE(c * 100 + a * 10 + b, _tile_dpbf16ps(c, a, b))
+void tile_dot(int c, int a, int b) {
+  switch (c * 100 + a * 10 + b) {
+    FP4_TILE_DOT(2, 0, 1) FP4_TILE_DOT(3, 0, 1) FP4_TILE_DOT(4, 0, 1) FP4_TILE_DOT(5, 0, 1) FP4_TILE_DOT(6, 0, 1)
+    FP4_TILE_DOT(7, 0, 1) FP4_TILE_DOT(3, 0, 2) FP4_TILE_DOT(4, 0, 2) FP4_TILE_DOT(5, 0, 2) FP4_TILE_DOT(6, 0, 2)
+    FP4_TILE_DOT(7, 0, 2) FP4_TILE_DOT(3, 1, 2) FP4_TILE_DOT(4, 1, 2) FP4_TILE_DOT(5, 1, 2) FP4_TILE_DOT(6, 1, 2)
+    FP4_TILE_DOT(7, 1, 2) FP4_TILE_DOT(4, 0, 3) FP4_TILE_DOT(5, 0, 3) FP4_TILE_DOT(6, 0, 3) FP4_TILE_DOT(7, 0, 3)
+    FP4_TILE_DOT(4, 1, 3) FP4_TILE_DOT(5, 1, 3) FP4_TILE_DOT(6, 1, 3) FP4_TILE_DOT(7, 1, 3) FP4_TILE_DOT(4, 2, 3)
+    FP4_TILE_DOT(5, 2, 3) FP4_TILE_DOT(6, 2, 3) FP4_TILE_DOT(7, 2, 3)
+  }
+}
+#undef FP4_TILE_DOT
+#undef FP4_TILE_CASE
+
+// Tiles 0..P-1 hold the A parts, tile P the B part in use, tiles P+1..7 the sums.
+template <int P>
+void multiply_into(int sum_tile, int b_part) {
+  for (int a = 0; a + b_part < P; ++a) tile_dot(sum_tile, a, P);
 }
 
-// Features [j_begin, j_end) of y; x_pairs: x in B-tile order ([batch tile][column chunk] 1 KB tiles).
-void linear_features(const uint16_t* x_pairs, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales,
-                     int64_t n, int64_t blocksize, const float* code, const bfloat16_t* bias, bfloat16_t* y,
+// Features [j_begin, j_end) of y. x_parts[j]: part j of x in B-tile order ([batch tile][column
+// chunk] 1 KB tiles).
+template <int P, typename T>
+void linear_features(const uint16_t* const (&x_parts)[P], int64_t m, int64_t k, const uint8_t* packed,
+                     const fp4_scales& scales, int64_t n, int64_t blocksize, const float* code, const T* bias, T* y,
                      int64_t j_begin, int64_t j_end) {
+  constexpr int kSumTiles = 7 - P, kTileElements = kTileRows * kTileCols;
   alignas(64) TileConfig config{};
   config.palette = 1;
   for (int t = 0; t < 8; ++t) config.rows[t] = kTileRows, config.bytes_per_row[t] = 64;
   _tile_loadconfig(&config);
-  alignas(64) uint16_t a_tile[kTileRows * kTileCols];
+  alignas(64) uint16_t a_parts[P * kTileElements];
   alignas(64) float sums[kTileRows * kTileRows];
   const int64_t chunks = k / kTileCols, blocks_per_row = k / blocksize, batch_tiles = (m + kTileRows - 1) / kTileRows;
   const int chunks_per_block = int(blocksize / kTileCols);
@@ -118,34 +181,34 @@ void linear_features(const uint16_t* x_pairs, int64_t m, int64_t k, const uint8_
     const int features = int(std::min<int64_t>(kTileRows, j_end - j0));
     for (int f = 0; f < features; ++f)
       fill_block_scales(scales, (j0 + f) * blocks_per_row, int(blocks_per_row), &row_scales[f * blocks_per_row]);
-    std::memset(a_tile, 0, sizeof(a_tile));  // (rows past the last feature stay zero)
-    for (int64_t t0 = 0; t0 < batch_tiles; t0 += kMaxCTiles) {
-      const int tiles = int(std::min<int64_t>(kMaxCTiles, batch_tiles - t0));
-      _tile_zero(2);
-      _tile_zero(3);
-      _tile_zero(4);
-      _tile_zero(5);
-      _tile_zero(6);
-      _tile_zero(7);
-      __m512i table[kTileRows];
+    std::memset(a_parts, 0, sizeof(a_parts));  // (rows past the last feature stay zero)
+    for (int64_t t0 = 0; t0 < batch_tiles; t0 += kSumTiles) {
+      const int tiles = int(std::min<int64_t>(kSumTiles, batch_tiles - t0));
+      for (int t = 0; t < tiles; ++t) tile_zero(P + 1 + t);
+      __m512i tables[kTileRows][P];
       for (int64_t c = 0; c < chunks; ++c) {
         if (c % chunks_per_block == 0)
           for (int f = 0; f < features; ++f)
-            table[f] = code_table(code, row_scales[f * blocks_per_row + c / chunks_per_block]);
-        for (int f = 0; f < features; ++f)
-          _mm512_store_si512(a_tile + f * kTileCols, decode32(packed + ((j0 + f) * k + c * kTileCols) / 2, table[f]));
-        _tile_loadd(0, a_tile, 64);
-        for (int t = 0; t < tiles; ++t) {
-          _tile_loadd(1, x_pairs + ((t0 + t) * chunks + c) * (kTileRows * kTileCols), 64);
-          dot_into(t);
+            code_tables<P>(code, row_scales[f * blocks_per_row + c / chunks_per_block], tables[f]);
+        for (int f = 0; f < features; ++f) {
+          const __m512i indices = code_indices(packed + ((j0 + f) * k + c * kTileCols) / 2);
+          for (int i = 0; i < P; ++i)
+            _mm512_store_si512(a_parts + i * kTileElements + f * kTileCols,
+                               _mm512_permutexvar_epi16(indices, tables[f][i]));
         }
+        for (int i = 0; i < P; ++i) tile_load(i, a_parts + i * kTileElements);
+        for (int t = 0; t < tiles; ++t)
+          for (int j = 0; j < P; ++j) {
+            tile_load(P, x_parts[j] + ((t0 + t) * chunks + c) * kTileElements);
+            multiply_into<P>(P + 1 + t, j);
+          }
       }
       for (int t = 0; t < tiles; ++t) {
-        store_sums(t, sums);
+        tile_store(P + 1 + t, sums);
         for (int f = 0; f < features; ++f) {
           const float b = bias ? to_float(bias[j0 + f]) : 0.0f;
           for (int r = 0; r < kTileRows && (t0 + t) * kTileRows + r < m; ++r)
-            y[((t0 + t) * kTileRows + r) * n + j0 + f] = from_float<bfloat16_t>(sums[f * kTileRows + r] + b);
+            y[((t0 + t) * kTileRows + r) * n + j0 + f] = from_float<T>(sums[f * kTileRows + r] + b);
         }
       }
     }
@@ -160,6 +223,33 @@ void linear_features(const uint16_t* x_pairs, int64_t m, int64_t k, const uint8_
 #pragma GCC pop_options
 #endif
 
+template <typename T>
+void linear_amx_typed(const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n,
+                      int64_t blocksize, const Codebook& code, const T* bias, T* y) {
+  constexpr int P = kParts<T>;
+  // x's parts as B tiles: tile (batch tile bt, column chunk c) row r holds, for each of its 16
+  // input rows, columns 32 c + 2 r and 2 r + 1 side by side; rows past the batch are zero.
+  const int64_t chunks = k / kTileCols, batch_tiles = (m + kTileRows - 1) / kTileRows;
+  const size_t part_elements = size_t(batch_tiles * chunks * kTileRows * kTileCols);
+  std::vector<uint16_t> storage(P * part_elements + 32, 0);
+  uint16_t* const base = storage.data() + (32 - reinterpret_cast<uintptr_t>(storage.data()) / 2 % 32) % 32;
+  const uint16_t* x_parts[P];
+  for (int j = 0; j < P; ++j) x_parts[j] = base + j * part_elements;
+  for (int64_t b = 0; b < m; ++b)
+    for (int64_t col = 0; col < k; ++col) {
+      const int64_t c = col / kTileCols, r = col % kTileCols / 2;
+      const size_t at = size_t(((b / kTileRows * chunks + c) * kTileRows + r) * kTileCols + (b % kTileRows) * 2 + col % 2);
+      uint16_t parts[P];
+      split_bf16<P>(to_float(x[b * k + col]), parts);
+      for (int j = 0; j < P; ++j) base[j * part_elements + at] = parts[j];
+    }
+  const int64_t grain = std::max<int64_t>(1, 4096 / k);  // feature tiles per task
+  parallel_for((n + kTileRows - 1) / kTileRows, grain, [&](int64_t t0, int64_t t1) {
+    linear_features<P>(x_parts, m, k, packed, scales, n, blocksize, code.data(), bias, y, t0 * kTileRows,
+                       std::min(n, t1 * kTileRows));
+  });
+}
+
 }  // namespace
 
 bool amx_bf16_usable() {
@@ -170,30 +260,27 @@ bool amx_bf16_usable() {
   return usable;
 }
 
-void linear_amx_bf16(const bfloat16_t* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales,
-                     int64_t n, int64_t blocksize, const Codebook& code, const bfloat16_t* bias, bfloat16_t* y) {
-  // x as B tiles: tile (batch tile bt, column chunk c) row r holds, for each of its 16 input rows,
-  // columns 32 c + 2 r and 2 r + 1 side by side; rows past the batch are zero.
-  const int64_t chunks = k / kTileCols, batch_tiles = (m + kTileRows - 1) / kTileRows;
-  std::vector<uint16_t> storage(size_t(batch_tiles * chunks * kTileRows * kTileCols) + 32, 0);
-  uint16_t* x_pairs = storage.data() + (32 - reinterpret_cast<uintptr_t>(storage.data()) / 2 % 32) % 32;
-  for (int64_t b = 0; b < m; ++b)
-    for (int64_t col = 0; col < k; ++col) {
-      const int64_t c = col / kTileCols, r = col % kTileCols / 2;
-      x_pairs[((b / kTileRows * chunks + c) * kTileRows + r) * kTileCols + (b % kTileRows) * 2 + col % 2] =
-          x[b * k + col].bits;
-    }
-  const int64_t grain = kTileRows * std::max<int64_t>(1, 4096 / k);
-  parallel_for((n + kTileRows - 1) / kTileRows, std::max<int64_t>(1, grain / kTileRows), [&](int64_t t0, int64_t t1) {
-    linear_features(x_pairs, m, k, packed, scales, n, blocksize, code.data(), bias, y, t0 * kTileRows,
-                    std::min(n, t1 * kTileRows));
-  });
+void linear_amx(const bfloat16_t* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n,
+                int64_t blocksize, const Codebook& code, const bfloat16_t* bias, bfloat16_t* y) {
+  linear_amx_typed(x, m, k, packed, scales, n, blocksize, code, bias, y);
+}
+void linear_amx(const half_t* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n,
+                int64_t blocksize, const Codebook& code, const half_t* bias, half_t* y) {
+  linear_amx_typed(x, m, k, packed, scales, n, blocksize, code, bias, y);
+}
+void linear_amx(const float* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n,
+                int64_t blocksize, const Codebook& code, const float* bias, float* y) {
+  linear_amx_typed(x, m, k, packed, scales, n, blocksize, code, bias, y);
 }
 
 #else
 bool amx_bf16_usable() { return false; }
-void linear_amx_bf16(const bfloat16_t*, int64_t, int64_t, const uint8_t*, const fp4_scales&, int64_t, int64_t,
-                     const Codebook&, const bfloat16_t*, bfloat16_t*) {}
+void linear_amx(const bfloat16_t*, int64_t, int64_t, const uint8_t*, const fp4_scales&, int64_t, int64_t,
+                const Codebook&, const bfloat16_t*, bfloat16_t*) {}
+void linear_amx(const half_t*, int64_t, int64_t, const uint8_t*, const fp4_scales&, int64_t, int64_t, const Codebook&,
+                const half_t*, half_t*) {}
+void linear_amx(const float*, int64_t, int64_t, const uint8_t*, const fp4_scales&, int64_t, int64_t, const Codebook&,
+                const float*, float*) {}
 #endif
 
 }  // namespace fp4::cpu

@@ -1,4 +1,4 @@
-// The CPU linear layer for bf16 activations on Intel AMX tiles (linear_amx.cpp).
+// The CPU linear layer on Intel AMX tiles (linear_amx.cpp).
 #pragma once
 
 #include <cstdint>
@@ -13,9 +13,13 @@ namespace fp4::cpu {
 // (asked once).
 bool amx_bf16_usable();
 
-// y[m, n] = x[m, k] W^T (+ bias) with bf16 x, bias and y; needs k % 32 == 0, k % blocksize == 0 and
-// amx_bf16_usable().
-void linear_amx_bf16(const bfloat16_t* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales,
-                     int64_t n, int64_t blocksize, const Codebook& code, const bfloat16_t* bias, bfloat16_t* y);
+// y[m, n] = x[m, k] W^T (+ bias), x, bias and y of one type; needs k % 32 == 0, k % blocksize == 0 and
+// amx_bf16_usable(). fp16 and fp32 activations and weights are split into exact bf16 parts.
+void linear_amx(const bfloat16_t* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n,
+                int64_t blocksize, const Codebook& code, const bfloat16_t* bias, bfloat16_t* y);
+void linear_amx(const half_t* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n,
+                int64_t blocksize, const Codebook& code, const half_t* bias, half_t* y);
+void linear_amx(const float* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n,
+                int64_t blocksize, const Codebook& code, const float* bias, float* y);
 
 }  // namespace fp4::cpu
