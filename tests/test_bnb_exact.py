@@ -99,6 +99,23 @@ def test_dequantize_reads_bitsandbytes_state(device, quant_type):
     assert torch.equal(F.dequantize_4bit(packed, bnb_state), B.dequantize_4bit(packed, bnb_state))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+def test_cpu_quantize_vector_and_scalar_paths_agree(monkeypatch, dtype, blocksize):
+    """Whole blocks quantize 16 values at a time on AVX-512 CPUs (the scalar path's fp32 operations):
+    the same bytes and absmax as the scalar path (FP4_CPU_ISA=generic) for whole and partial blocks,
+    and a non-finite value is still reported with its block after vector-quantized ones."""
+    A = _data((5, blocksize * 3 + 16), dtype, "cpu")
+    vector = F.quantize_4bit(A, blocksize=blocksize, quant_type="nf4")
+    monkeypatch.setenv("FP4_CPU_ISA", "generic")
+    scalar = F.quantize_4bit(A, blocksize=blocksize, quant_type="nf4")
+    assert torch.equal(vector[0], scalar[0]) and torch.equal(vector[1].absmax, scalar[1].absmax)
+    monkeypatch.delenv("FP4_CPU_ISA")
+    A.view(-1)[blocksize * 7 + 3] = float("nan")
+    with pytest.raises(ValueError, match=f"block 7 .*NaN or Inf"):
+        F.quantize_4bit(A, blocksize=blocksize, quant_type="nf4")
+
+
 def test_ties_follow_the_device_rule(device):
     """Values exactly on a midpoint between two codes: bitsandbytes' CPU path sends them to the lower
     code, its CUDA path uses its own thresholds; fp4 follows whichever device it runs on."""

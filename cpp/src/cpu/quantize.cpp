@@ -6,10 +6,19 @@
 //   bucket  = number of midpoints strictly below `scaled` (ties to the lower bucket);
 //   code    = sorted_to_code[bucket].
 // An odd element count pads the last byte's low nibble with the code of 0.0, as bnb does.
+// Full blocks run 16 elements at a time on AVX-512 (the same fp32 operations, so the same bytes).
 #include <algorithm>
 #include <array>
+#include <cfloat>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FP4_X86 1
+#endif
 
 #include "cpu/kernels.hpp"
 #include "cpu/parallel.hpp"
@@ -35,10 +44,92 @@ struct Quantizer {
   }
 };
 
+#ifdef FP4_X86
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,f16c")
+// GCC 12's own avx512fintrin.h trips -W(maybe-)uninitialized (its _mm*_undefined_* idiom).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+namespace avx512 {
+
+__m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__m512 load16(const half_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+__m512 load16(const bfloat16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// Quantizes the full blocks [first, last) (blocksize % 16 == 0), 16 elements at a time with the
+// scalar path's fp32 operations. Returns the first block holding NaN or Inf (left for the scalar
+// path to report), or `last`.
+template <typename T>
+int64_t quantize_full_blocks(const Quantizer& q, const T* x, int64_t blocksize, uint8_t* packed, float* absmax,
+                             int64_t first, int64_t last) {
+  __m512 bounds[15];
+  for (int i = 0; i < 15; ++i) bounds[i] = _mm512_set1_ps(q.bounds[i]);
+  alignas(64) int32_t to_code[16];
+  for (int i = 0; i < 16; ++i) to_code[i] = q.to_code[i];
+  const __m512i code_of = _mm512_load_si512(to_code), one = _mm512_set1_epi32(1);
+  for (int64_t b = first; b < last; ++b) {
+    const T* block = x + b * blocksize;
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 not_finite = 0;
+    for (int64_t i = 0; i < blocksize; i += 16) {
+      const __m512 a = _mm512_abs_ps(load16(block + i));
+      not_finite |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ);  // (NaN or Inf)
+      amax = _mm512_max_ps(amax, a);
+    }
+    if (not_finite) return b;
+    const float block_max = _mm512_reduce_max_ps(amax);
+    absmax[b] = block_max;
+    const __m512 inv = _mm512_set1_ps(1.0f / std::max(block_max, kMinAbsmax));
+    for (int64_t i = 0; i < blocksize; i += 16) {
+      // clamp(x * inv, -1, 1), then the number of midpoints strictly below it, then its code.
+      const __m512 s = _mm512_max_ps(_mm512_min_ps(_mm512_mul_ps(load16(block + i), inv), _mm512_set1_ps(1.0f)),
+                                     _mm512_set1_ps(-1.0f));
+      __m512i bucket = _mm512_setzero_si512();
+      for (int j = 0; j < 15; ++j)
+        bucket = _mm512_mask_add_epi32(bucket, _mm512_cmp_ps_mask(s, bounds[j], _CMP_GT_OQ), bucket, one);
+      // Element pairs (2e, 2e + 1) share a 64-bit lane: its low byte becomes code(2e) << 4 | code(2e + 1).
+      const __m512i codes = _mm512_permutexvar_epi32(bucket, code_of);
+      const __m512i pairs = _mm512_or_si512(_mm512_slli_epi64(codes, 4), _mm512_srli_epi64(codes, 32));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(packed + (b * blocksize + i) / 2), _mm512_cvtepi64_epi8(pairs));
+    }
+  }
+  return last;
+}
+
+}  // namespace avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+// AVX-512 for full blocks, unless FP4_CPU_ISA forces a lower ISA (testing).
+bool vector_quantize(int64_t blocksize) {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  const char* forced = std::getenv("FP4_CPU_ISA");
+  return has && blocksize % 16 == 0 && !(forced && (std::strcmp(forced, "avx2") == 0 || std::strcmp(forced, "generic") == 0));
+}
+#endif
+
 template <typename T>
 void quantize_blocks(const Quantizer& quantize, const T* x, int64_t n, int64_t blocksize, uint8_t* packed,
                      float* absmax, int64_t first_block, int64_t last_block) {
   std::vector<float> scaled(static_cast<size_t>(blocksize) + 1);
+#ifdef FP4_X86
+  // (up to the first block with NaN or Inf, which the scalar path below reports)
+  if (const int64_t whole_end = std::min(last_block, n / blocksize); vector_quantize(blocksize) && first_block < whole_end)
+    first_block = avx512::quantize_full_blocks(quantize, x, blocksize, packed, absmax, first_block, whole_end);
+#endif
   for (int64_t b = first_block; b < last_block; ++b) {
     const int64_t start = b * blocksize;
     const int64_t len = std::min(blocksize, n - start);
