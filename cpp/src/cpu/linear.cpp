@@ -1,11 +1,15 @@
 // The 4-bit linear layer on the CPU: y = x W^T + b with W decoded on the fly, never materialised.
 //
-// Each thread takes a range of output features. For one weight row it walks the blocks the row
-// covers (a block may straddle two rows), builds that block's 16 scaled code values, and decodes a
-// vector of weights at a time (AVX2: 8 lanes, two permutes and a blend on the code's top bit;
-// AVX-512: 16 lanes, one permute over all 16 codes). Each decoded vector is multiplied into up to 8
-// input rows, so the decode cost is shared across the batch. The vector kernel is compiled for
-// AVX-512 and for AVX2 and the best one the CPU has is chosen at run time (scalar code otherwise).
+// Each thread takes a range of output features; each block's 16 code values are scaled once and
+// weights decoded a vector at a time (AVX2: 8 lanes, two permutes and a blend on the code's top bit;
+// AVX-512: 16 lanes, one permute over all 16 codes). Three kernels, chosen per call:
+//  - AMX tiles (linear_amx.cpp) for batches from kAmxMinBatch where the CPU has them;
+//  - vector tiles (linear_simd.inc: tile_dot) when rows start on a block boundary (k % blocksize
+//    == 0): 4 weight rows x 4 input rows (AVX2 2 x 3) per pass, so each activation vector serves
+//    several weight rows and each decoded weight vector several input rows;
+//  - otherwise one weight row x up to 8 input rows (row_dot), walking the blocks the row covers (a
+//    block may straddle two rows), or scalar code without AVX2.
+// The vector kernels are compiled for AVX-512 and for AVX2; the best the CPU has runs.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -195,6 +199,7 @@ Isa chosen_isa(int64_t k) {
   }
   return isa;
 }
+// Any FP4_CPU_ISA setting (avx512, avx2, generic) keeps AMX off.
 bool amx_forced_off() {
   const char* forced = std::getenv("FP4_CPU_ISA");
   return forced != nullptr && forced[0] != '\0';
