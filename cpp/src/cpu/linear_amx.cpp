@@ -24,7 +24,8 @@
 #include "cpu/parallel.hpp"
 #include "cpu/scales.hpp"
 
-#if defined(__x86_64__) || defined(_M_X64)
+// (Linux on x86-64 only: the tile state is granted through arch_prctl)
+#if defined(__linux__) && defined(__x86_64__)
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
