@@ -59,20 +59,6 @@ struct TileConfig {
 template <typename T>
 constexpr int kParts = std::is_same_v<T, bfloat16_t> ? 1 : std::is_same_v<T, half_t> ? 2 : 3;
 
-// Splits v into P bf16 parts whose sum is v (P = 1: v rounded to nearest even).
-template <int P>
-void split_bf16(float v, uint16_t (&parts)[P]) {
-  for (int i = 0; i < P; ++i) {
-    const uint32_t u = float_to_bits(v);
-    if (i == P - 1) {
-      parts[i] = from_float<bfloat16_t>(v).bits;
-    } else {
-      parts[i] = uint16_t(u >> 16);  // truncated: the rest is exact in fp32
-      v -= bits_to_float(u & 0xffff0000u);
-    }
-  }
-}
-
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,avx512bf16,avx512vl"))), \
                              apply_to = function)
@@ -88,17 +74,60 @@ void split_bf16(float v, uint16_t (&parts)[P]) {
 // 16 bf16 values, twice (the word permute reads an index's low 5 bits).
 __m512i twice(__m256i v) { return _mm512_inserti64x4(_mm512_castsi256_si512(v), v, 1); }
 
+// Splits 16 fp32 values into P bf16 parts whose sum is each value: truncated parts (the rest is
+// exact in fp32) and a last one rounded to nearest even (P = 1: just that).
+template <int P>
+void bf16_parts(__m512 rest, __m256i (&parts)[P]) {
+  for (int i = 0; i < P; ++i) {
+    if (i == P - 1) {
+      parts[i] = (__m256i)_mm512_cvtneps_pbh(rest);
+    } else {
+      const __m512i bits = _mm512_castps_si512(rest);
+      parts[i] = _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
+      rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(int(0xffff0000u)))));
+    }
+  }
+}
+
 // The block's 16 scaled codes in P bf16 parts, each twice.
 template <int P>
 void code_tables(const float* code, float scale, __m512i (&tables)[P]) {
-  __m512 rest = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale));
-  for (int i = 0; i < P; ++i) {
-    if (i == P - 1) {
-      tables[i] = twice((__m256i)_mm512_cvtneps_pbh(rest));
-    } else {
-      const __m512i bits = _mm512_castps_si512(rest);
-      tables[i] = twice(_mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-      rest = _mm512_sub_ps(rest, _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(int(0xffff0000u)))));
+  __m256i parts[P];
+  bf16_parts<P>(_mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(scale)), parts);
+  for (int i = 0; i < P; ++i) tables[i] = twice(parts[i]);
+}
+
+__m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__m512 load16(const half_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+// x in P bf16 parts as B tiles (part j at base + j * part_elements): tile (batch tile bt, column
+// chunk c) row r holds, for each of its 16 input rows, columns 32 c + 2 r and 2 r + 1 side by side
+// (rows past the batch stay zero). Each row's 32 columns become 16 pairs per part, transposed into
+// the tile a 16 x 16 block at a time.
+template <int P, typename T>
+void pack_activations(const T* x, int64_t m, int64_t k, uint16_t* base, size_t part_elements) {
+  const int64_t chunks = k / kTileCols;
+  alignas(64) uint32_t rows[P][kTileRows][kTileRows];  // [part][input row][pair]
+  for (int64_t b0 = 0; b0 < m; b0 += kTileRows) {
+    const int batch = int(std::min<int64_t>(kTileRows, m - b0));
+    std::memset(rows, 0, sizeof(rows));
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int bb = 0; bb < batch; ++bb) {
+        const T* in = x + (b0 + bb) * k + c * kTileCols;
+        if constexpr (P == 1) {
+          std::memcpy(rows[0][bb], in, 64);  // (bf16 pairs as they are)
+        } else {
+          __m256i low[P], high[P];
+          bf16_parts<P>(load16(in), low);
+          bf16_parts<P>(load16(in + 16), high);
+          for (int j = 0; j < P; ++j)
+            _mm512_store_si512(rows[j][bb], _mm512_inserti64x4(_mm512_castsi256_si512(low[j]), high[j], 1));
+        }
+      }
+      uint32_t* tile = reinterpret_cast<uint32_t*>(base) + (b0 / kTileRows * chunks + c) * kTileRows * kTileRows;
+      for (int j = 0; j < P; ++j)
+        for (int r = 0; r < kTileRows; ++r)
+          for (int bb = 0; bb < kTileRows; ++bb) tile[j * part_elements / 2 + r * kTileRows + bb] = rows[j][bb][r];
     }
   }
 }
@@ -228,22 +257,14 @@ template <typename T>
 void linear_amx_typed(const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n,
                       int64_t blocksize, const Codebook& code, const T* bias, T* y) {
   constexpr int P = kParts<T>;
-  // x's parts as B tiles: tile (batch tile bt, column chunk c) row r holds, for each of its 16
-  // input rows, columns 32 c + 2 r and 2 r + 1 side by side; rows past the batch are zero.
+  // x's parts as B tiles (see pack_activations).
   const int64_t chunks = k / kTileCols, batch_tiles = (m + kTileRows - 1) / kTileRows;
   const size_t part_elements = size_t(batch_tiles * chunks * kTileRows * kTileCols);
-  std::vector<uint16_t> storage(P * part_elements + 32, 0);
+  std::vector<uint16_t> storage(P * part_elements + 32);
   uint16_t* const base = storage.data() + (32 - reinterpret_cast<uintptr_t>(storage.data()) / 2 % 32) % 32;
   const uint16_t* x_parts[P];
   for (int j = 0; j < P; ++j) x_parts[j] = base + j * part_elements;
-  for (int64_t b = 0; b < m; ++b)
-    for (int64_t col = 0; col < k; ++col) {
-      const int64_t c = col / kTileCols, r = col % kTileCols / 2;
-      const size_t at = size_t(((b / kTileRows * chunks + c) * kTileRows + r) * kTileCols + (b % kTileRows) * 2 + col % 2);
-      uint16_t parts[P];
-      split_bf16<P>(to_float(x[b * k + col]), parts);
-      for (int j = 0; j < P; ++j) base[j * part_elements + at] = parts[j];
-    }
+  pack_activations<P>(x, m, k, base, part_elements);
   const int64_t grain = std::max<int64_t>(1, 4096 / k);  // feature tiles per task
   parallel_for((n + kTileRows - 1) / kTileRows, grain, [&](int64_t t0, int64_t t1) {
     linear_features<P>(x_parts, m, k, packed, scales, n, blocksize, code.data(), bias, y, t0 * kTileRows,
