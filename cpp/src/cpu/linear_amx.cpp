@@ -202,29 +202,38 @@ void linear_features(const uint16_t* const (&x_parts)[P], int64_t m, int64_t k, 
   config.palette = 1;
   for (int t = 0; t < 8; ++t) config.rows[t] = kTileRows, config.bytes_per_row[t] = 64;
   _tile_loadconfig(&config);
-  alignas(64) uint16_t a_parts[P * kTileElements];
   alignas(64) float sums[kTileRows * kTileRows];
   const int64_t chunks = k / kTileCols, blocks_per_row = k / blocksize, batch_tiles = (m + kTileRows - 1) / kTileRows;
   const int chunks_per_block = int(blocksize / kTileCols);
   std::vector<float> row_scales(size_t(kTileRows * blocks_per_row));
+  // The decoded A tiles: one chunk's in a buffer that stays in L1, or, when the batch needs more
+  // than one pass over the sum tiles, every chunk's, decoded in the first pass and reloaded in the
+  // others (decoding again per pass cost batch 128 in bf16 about twice batch 64).
+  const bool passes = batch_tiles > kSumTiles;
+  std::vector<uint16_t> a_storage(size_t((passes ? chunks : 1) * P * kTileElements) + 32);
+  uint16_t* const a_tiles = a_storage.data() + (32 - reinterpret_cast<uintptr_t>(a_storage.data()) / 2 % 32) % 32;
   for (int64_t j0 = j_begin; j0 < j_end; j0 += kTileRows) {
     const int features = int(std::min<int64_t>(kTileRows, j_end - j0));
     for (int f = 0; f < features; ++f)
       fill_block_scales(scales, (j0 + f) * blocks_per_row, int(blocks_per_row), &row_scales[f * blocks_per_row]);
-    std::memset(a_parts, 0, sizeof(a_parts));  // (rows past the last feature stay zero)
+    if (features < kTileRows)  // (rows past the last feature stay zero)
+      std::fill(a_tiles, a_tiles + (passes ? chunks : 1) * P * kTileElements, uint16_t(0));
     for (int64_t t0 = 0; t0 < batch_tiles; t0 += kSumTiles) {
       const int tiles = int(std::min<int64_t>(kSumTiles, batch_tiles - t0));
       for (int t = 0; t < tiles; ++t) tile_zero(P + 1 + t);
       __m512i tables[kTileRows][P];
       for (int64_t c = 0; c < chunks; ++c) {
-        if (c % chunks_per_block == 0)
-          for (int f = 0; f < features; ++f)
-            code_tables<P>(code, row_scales[f * blocks_per_row + c / chunks_per_block], tables[f]);
-        for (int f = 0; f < features; ++f) {
-          const __m512i indices = code_indices(packed + ((j0 + f) * k + c * kTileCols) / 2);
-          for (int i = 0; i < P; ++i)
-            _mm512_store_si512(a_parts + i * kTileElements + f * kTileCols,
-                               _mm512_permutexvar_epi16(indices, tables[f][i]));
+        uint16_t* const a_parts = a_tiles + (passes ? c : 0) * P * kTileElements;
+        if (t0 == 0 || !passes) {
+          if (c % chunks_per_block == 0)
+            for (int f = 0; f < features; ++f)
+              code_tables<P>(code, row_scales[f * blocks_per_row + c / chunks_per_block], tables[f]);
+          for (int f = 0; f < features; ++f) {
+            const __m512i indices = code_indices(packed + ((j0 + f) * k + c * kTileCols) / 2);
+            for (int i = 0; i < P; ++i)
+              _mm512_store_si512(a_parts + i * kTileElements + f * kTileCols,
+                                 _mm512_permutexvar_epi16(indices, tables[f][i]));
+          }
         }
         for (int i = 0; i < P; ++i) tile_load(i, a_parts + i * kTileElements);
         for (int t = 0; t < tiles; ++t)
