@@ -25,6 +25,7 @@
 #include "cpu/linear_amx.hpp"
 #include "cpu/parallel.hpp"
 #include "cpu/scales.hpp"
+#include "cpu/target.hpp"
 #include "dtypes.hpp"
 #include "formats.hpp"
 
@@ -69,16 +70,7 @@ void row_dot_generic(const Problem& p, int64_t j, int64_t r0, int rows, float* a
 
 #ifdef FP4_X86
 // Each ISA gets a small vector policy (width, 16-entry table, decode, fma, horizontal sum) and its
-// own copy of the kernel in linear_simd.inc, compiled for that ISA by the pragmas around it.
-#if defined(__clang__)
-#define FP4_TARGET_BEGIN(isa) _Pragma("clang attribute push (__attribute__((target(" #isa "))), apply_to = function)")
-#define FP4_TARGET_END _Pragma("clang attribute pop")
-#else
-#define FP4_PRAGMA(x) _Pragma(#x)
-#define FP4_TARGET_BEGIN(isa) _Pragma("GCC push_options") FP4_PRAGMA(GCC target(isa))
-#define FP4_TARGET_END _Pragma("GCC pop_options")
-#endif
-
+// own copy of the kernel in linear_simd.inc, compiled for that ISA (cpu/target.hpp).
 FP4_TARGET_BEGIN("avx2,fma")
 namespace avx2 {
 struct Vec {
@@ -127,12 +119,6 @@ struct Vec {
 }  // namespace avx2
 FP4_TARGET_END
 
-#if defined(__GNUC__) && !defined(__clang__)
-// GCC 12's own avx512fintrin.h trips -W(maybe-)uninitialized (its _mm*_undefined_* idiom).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
 FP4_TARGET_BEGIN("avx512f,avx512bw,avx2,fma")
 namespace avx512 {
 struct Vec {
@@ -187,9 +173,6 @@ struct Vec {
 #include "cpu/linear_simd.inc"
 }  // namespace avx512
 FP4_TARGET_END
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
 
 enum class Isa { kGeneric, kAvx2, kAvx512 };
 

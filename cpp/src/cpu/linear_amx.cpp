@@ -23,6 +23,7 @@
 
 #include "cpu/parallel.hpp"
 #include "cpu/scales.hpp"
+#include "cpu/target.hpp"
 
 // (Linux on x86-64 only: the tile state is granted through arch_prctl)
 #if defined(__linux__) && defined(__x86_64__)
@@ -59,17 +60,7 @@ struct TileConfig {
 template <typename T>
 constexpr int kParts = std::is_same_v<T, bfloat16_t> ? 1 : std::is_same_v<T, half_t> ? 2 : 3;
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,avx512bf16,avx512vl"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,avx512bf16,avx512vl")
-// GCC 12's own avx512fintrin.h trips -W(maybe-)uninitialized (its _mm*_undefined_* idiom).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+FP4_TARGET_BEGIN("amx-tile,amx-bf16,avx512f,avx512bw,avx512vbmi,avx512bf16,avx512vl")
 
 // 16 bf16 values, twice (the word permute reads an index's low 5 bits).
 __m512i twice(__m256i v) { return _mm512_inserti64x4(_mm512_castsi256_si512(v), v, 1); }
@@ -255,12 +246,7 @@ void linear_features(const uint16_t* const (&x_parts)[P], int64_t m, int64_t k, 
   _tile_release();
 }
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
+FP4_TARGET_END
 
 template <typename T>
 void linear_amx_typed(const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n,

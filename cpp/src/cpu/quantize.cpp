@@ -22,6 +22,7 @@
 
 #include "cpu/kernels.hpp"
 #include "cpu/parallel.hpp"
+#include "cpu/target.hpp"
 #include "dtypes.hpp"
 #include "error.hpp"
 #include "formats.hpp"
@@ -45,16 +46,7 @@ struct Quantizer {
 };
 
 #ifdef FP4_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,f16c"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,f16c")
-// GCC 12's own avx512fintrin.h trips -W(maybe-)uninitialized (its _mm*_undefined_* idiom).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#endif
+FP4_TARGET_BEGIN("avx512f,avx512bw,avx512dq,avx512vl,f16c")
 namespace avx512 {
 
 __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -105,12 +97,7 @@ int64_t quantize_full_blocks(const Quantizer& q, const T* x, int64_t blocksize, 
 }
 
 }  // namespace avx512
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-#endif
+FP4_TARGET_END
 
 // AVX-512 for full blocks, unless FP4_CPU_ISA forces a lower ISA (testing).
 bool vector_quantize(int64_t blocksize) {
