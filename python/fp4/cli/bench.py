@@ -135,7 +135,10 @@ def _gpu_time(layers, x, repeats):
 
 def _cpu_time(layers, x, repeats):
     with torch.inference_mode():
-        layers[0](x)
+        # Warm-up: the previous method's threads (torch's OpenMP pool) may still hold the cores.
+        warm_until = time.perf_counter() + 0.05
+        while time.perf_counter() < warm_until:
+            layers[0](x)
         samples = []
         for _ in range(repeats):
             t = time.perf_counter()
