@@ -164,18 +164,21 @@ def test_to_device_moves_the_quantized_weight():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("blocksize,double_quant", [(64, False), (32, True), (4096, True)])
-def test_cpu_amx_and_vector_tiles_agree(monkeypatch, dtype, blocksize, double_quant):
+@pytest.mark.parametrize("blocksize,double_quant,in_features", [(64, False, 8192), (32, True, 8192), (4096, True, 8192),
+                                                                (64, True, 512)])
+def test_cpu_amx_and_vector_tiles_agree(monkeypatch, dtype, blocksize, double_quant, in_features):
     """Batches from 4 (bf16), 8 (fp16) or 16 (fp32) on run on AMX tiles where the CPU has them: 16
     weight rows x 32 columns decoded to bf16 per tile (fp16 / fp32 split into 2 / 3 exact bf16
     parts), batches in 16-row tiles, 6 / 5 / 4 of them per pass (100 rows: several passes, the last
-    tile partial), 37 features (a partial tile). Against fp64, and against the vector kernel
-    (FP4_CPU_ISA=avx512) within the dtype's output rounding."""
+    tile partial; with 8192 columns x is past 1 MB and each pass runs over all features on its own,
+    with 512 all passes run per feature tile, its decoded weights reused), 37 features (a partial
+    tile). Against fp64, and against the vector kernel (FP4_CPU_ISA=avx512) within the dtype's output
+    rounding."""
     torch.manual_seed(0)
-    layer = fp4.FP4Linear.from_linear(nn.Linear(8192, 37).to(dtype), quant_type="nf4", blocksize=blocksize,
+    layer = fp4.FP4Linear.from_linear(nn.Linear(in_features, 37).to(dtype), quant_type="nf4", blocksize=blocksize,
                                       double_quant=double_quant)
     for batch in (1, 4, 8, 17, 100):
-        x = torch.randn(batch, 8192, dtype=dtype)
+        x = torch.randn(batch, in_features, dtype=dtype)
         ref = _reference(layer, x)
         y = layer(x)
         monkeypatch.setenv("FP4_CPU_ISA", "avx512")

@@ -182,25 +182,26 @@ void multiply_into(int sum_tile, int b_part) {
   for (int a = 0; a + b_part < P; ++a) tile_dot(sum_tile, a, P);
 }
 
-// Features [j_begin, j_end) of y. x_parts[j]: part j of x in B-tile order ([batch tile][column
-// chunk] 1 KB tiles).
+// Features [j_begin, j_end) of y for the input rows of batch tiles [t_begin, t_end), in passes of
+// 7 - P batch tiles (one sum tile each). x_parts[j]: part j of x in B-tile order ([batch
+// tile][column chunk] 1 KB tiles).
 template <int P, typename T>
 void linear_features(const uint16_t* const (&x_parts)[P], int64_t m, int64_t k, const uint8_t* packed,
                      const fp4_scales& scales, int64_t n, int64_t blocksize, const float* code, const T* bias, T* y,
-                     int64_t j_begin, int64_t j_end) {
+                     int64_t j_begin, int64_t j_end, int64_t t_begin, int64_t t_end) {
   constexpr int kSumTiles = 7 - P, kTileElements = kTileRows * kTileCols;
   alignas(64) TileConfig config{};
   config.palette = 1;
   for (int t = 0; t < 8; ++t) config.rows[t] = kTileRows, config.bytes_per_row[t] = 64;
   _tile_loadconfig(&config);
   alignas(64) float sums[kTileRows * kTileRows];
-  const int64_t chunks = k / kTileCols, blocks_per_row = k / blocksize, batch_tiles = (m + kTileRows - 1) / kTileRows;
+  const int64_t chunks = k / kTileCols, blocks_per_row = k / blocksize;
   const int chunks_per_block = int(blocksize / kTileCols);
   std::vector<float> row_scales(size_t(kTileRows * blocks_per_row));
   // The decoded A tiles: one chunk's in a buffer that stays in L1, or, when the batch needs more
   // than one pass over the sum tiles, every chunk's, decoded in the first pass and reloaded in the
   // others (decoding again per pass cost batch 128 in bf16 about twice batch 64).
-  const bool passes = batch_tiles > kSumTiles;
+  const bool passes = t_end - t_begin > kSumTiles;
   std::vector<uint16_t> a_storage(size_t((passes ? chunks : 1) * P * kTileElements) + 32);
   uint16_t* const a_tiles = a_storage.data() + (32 - reinterpret_cast<uintptr_t>(a_storage.data()) / 2 % 32) % 32;
   for (int64_t j0 = j_begin; j0 < j_end; j0 += kTileRows) {
@@ -209,13 +210,13 @@ void linear_features(const uint16_t* const (&x_parts)[P], int64_t m, int64_t k, 
       fill_block_scales(scales, (j0 + f) * blocks_per_row, int(blocks_per_row), &row_scales[f * blocks_per_row]);
     if (features < kTileRows)  // (rows past the last feature stay zero)
       std::fill(a_tiles, a_tiles + (passes ? chunks : 1) * P * kTileElements, uint16_t(0));
-    for (int64_t t0 = 0; t0 < batch_tiles; t0 += kSumTiles) {
-      const int tiles = int(std::min<int64_t>(kSumTiles, batch_tiles - t0));
+    for (int64_t t0 = t_begin; t0 < t_end; t0 += kSumTiles) {
+      const int tiles = int(std::min<int64_t>(kSumTiles, t_end - t0));
       for (int t = 0; t < tiles; ++t) tile_zero(P + 1 + t);
       __m512i tables[kTileRows][P];
       for (int64_t c = 0; c < chunks; ++c) {
         uint16_t* const a_parts = a_tiles + (passes ? c : 0) * P * kTileElements;
-        if (t0 == 0 || !passes) {
+        if (t0 == t_begin || !passes) {
           if (c % chunks_per_block == 0)
             for (int f = 0; f < features; ++f)
               code_tables<P>(code, row_scales[f * blocks_per_row + c / chunks_per_block], tables[f]);
@@ -260,11 +261,19 @@ void linear_amx_typed(const T* x, int64_t m, int64_t k, const uint8_t* packed, c
   const uint16_t* x_parts[P];
   for (int j = 0; j < P; ++j) x_parts[j] = base + j * part_elements;
   pack_activations<P>(x, m, k, base, part_elements);
+  // Each feature tile meets the B tiles of all its passes; once those pass the ~2 MB L2 they come
+  // from L3 for every feature tile, so larger x runs one pass at a time over all features instead
+  // (decoding the weights again per pass). (4096, 4096) batch 128 / 256, us, all passes per
+  // feature tile vs one pass at a time: bf16 (1 / 2 MB of x) 3253 / 7668 vs 4183-4201 / 7464-7606;
+  // fp16 (2 / 4 MB) 7618 / 18911 vs 7044-7208 / 14288-17840; fp32 (3 / 6 MB) 14702 / 33709 vs
+  // 10744-11095 / 22509-22536.
   const int64_t grain = std::max<int64_t>(1, 4096 / k);  // feature tiles per task
-  parallel_for((n + kTileRows - 1) / kTileRows, grain, [&](int64_t t0, int64_t t1) {
-    linear_features<P>(x_parts, m, k, packed, scales, n, blocksize, code.data(), bias, y, t0 * kTileRows,
-                       std::min(n, t1 * kTileRows));
-  });
+  const int64_t pass_tiles = P * part_elements * 2 <= (size_t(1) << 20) ? batch_tiles : 7 - P;
+  for (int64_t t0 = 0; t0 < batch_tiles; t0 += pass_tiles)
+    parallel_for((n + kTileRows - 1) / kTileRows, grain, [&](int64_t f0, int64_t f1) {
+      linear_features<P>(x_parts, m, k, packed, scales, n, blocksize, code.data(), bias, y, f0 * kTileRows,
+                         std::min(n, f1 * kTileRows), t0, std::min(t0 + pass_tiles, batch_tiles));
+    });
 }
 
 }  // namespace
