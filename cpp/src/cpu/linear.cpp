@@ -11,21 +11,16 @@
 //    block may straddle two rows), or scalar code without AVX2.
 // The vector kernels are compiled for AVX-512 and for AVX2; the best the CPU has runs.
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define FP4_X86 1
-#endif
-
+#include "cpu/avx512_load.hpp"
+#include "cpu/isa.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/linear_amx.hpp"
 #include "cpu/parallel.hpp"
 #include "cpu/scales.hpp"
-#include "cpu/target.hpp"
 #include "dtypes.hpp"
 #include "formats.hpp"
 
@@ -70,7 +65,7 @@ void row_dot_generic(const Problem& p, int64_t j, int64_t r0, int rows, float* a
 
 #ifdef FP4_X86
 // Each ISA gets a small vector policy (width, 16-entry table, decode, fma, horizontal sum) and its
-// own copy of the kernel in linear_simd.inc, compiled for that ISA (cpu/target.hpp).
+// own copy of the kernel in linear_simd.inc, compiled for that ISA (cpu/isa.hpp).
 FP4_TARGET_BEGIN("avx2,fma")
 namespace avx2 {
 struct Vec {
@@ -151,20 +146,12 @@ struct Vec {
     return _mm512_permutexvar_ps(q, t);
   }
   // A row of k activations (k % 16 == 0) as fp32 in kTileLane order.
-  static void tile_order(const float* in, int64_t k, float* out) {
-    for (int64_t c = 0; c < k; c += kWidth) _mm512_store_ps(out + c, permute_to_tile(_mm512_loadu_ps(in + c)));
-  }
-  static void tile_order(const half_t* in, int64_t k, float* out) {
+  template <typename T>
+  static void tile_order(const T* in, int64_t k, float* out) {
+    const __m512i lanes = _mm512_loadu_si512(kTileLane);
     for (int64_t c = 0; c < k; c += kWidth)
-      _mm512_store_ps(out + c, permute_to_tile(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + c)))));
+      _mm512_store_ps(out + c, _mm512_permutexvar_ps(lanes, avx512_load::load16(in + c)));
   }
-  static void tile_order(const bfloat16_t* in, int64_t k, float* out) {
-    for (int64_t c = 0; c < k; c += kWidth) {
-      const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + c)));
-      _mm512_store_ps(out + c, permute_to_tile(_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))));
-    }
-  }
-  static V permute_to_tile(V v) { return _mm512_permutexvar_ps(_mm512_loadu_si512(kTileLane), v); }
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
@@ -174,33 +161,13 @@ struct Vec {
 }  // namespace avx512
 FP4_TARGET_END
 
-enum class Isa { kGeneric, kAvx2, kAvx512 };
-
-Isa best_isa() {
-  static const Isa isa = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
-                             ? Isa::kAvx512
-                         : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? Isa::kAvx2
-                                                                                              : Isa::kGeneric;
-  return isa;
-}
-
-// The ISA a call uses: the best one the CPU has whose vector width divides k (the vector kernels
-// need every row and block segment to start on a vector boundary), or a lower one forced by
-// FP4_CPU_ISA=avx512 (no AMX) / avx2 / generic (testing).
+// The ISA a call uses: cpu_isa() lowered until its vector width divides k (the vector kernels
+// need every row and block segment to start on a vector boundary).
 Isa chosen_isa(int64_t k) {
-  Isa isa = best_isa();
+  Isa isa = cpu_isa();
   if (isa == Isa::kAvx512 && k % 16 != 0) isa = Isa::kAvx2;
   if (isa == Isa::kAvx2 && k % 8 != 0) isa = Isa::kGeneric;
-  if (const char* forced = std::getenv("FP4_CPU_ISA")) {
-    if (std::strcmp(forced, "generic") == 0) isa = Isa::kGeneric;
-    if (std::strcmp(forced, "avx2") == 0 && isa == Isa::kAvx512) isa = Isa::kAvx2;
-  }
   return isa;
-}
-// Any FP4_CPU_ISA setting (avx512, avx2, generic) keeps AMX off.
-bool amx_forced_off() {
-  const char* forced = std::getenv("FP4_CPU_ISA");
-  return forced != nullptr && forced[0] != '\0';
 }
 #endif
 
@@ -220,11 +187,11 @@ float* tile_activations(const T* x, int64_t m, int64_t k, std::vector<float>& st
   for (int64_t row = 0; row < m; ++row) {
     if constexpr (std::is_same_v<Vec, avx512::Vec>) {
       Vec::tile_order(x + row * k, k, out + row * k);  // (16 at a time: converting one by one took
-      continue;                                        // 200 us of a (4096, 4096) fp16 batch-16 call)
+    } else {                                           // 200 us of a (4096, 4096) fp16 batch-16 call)
+      for (int64_t c = 0; c < k; c += Vec::kWidth)
+        for (int lane = 0; lane < Vec::kWidth; ++lane)
+          out[row * k + c + lane] = to_float(x[row * k + c + Vec::kTileLane[lane]]);
     }
-    for (int64_t c = 0; c < k; c += Vec::kWidth)
-      for (int lane = 0; lane < Vec::kWidth; ++lane)
-        out[row * k + c + lane] = to_float(x[row * k + c + Vec::kTileLane[lane]]);
   }
   return out;
 }

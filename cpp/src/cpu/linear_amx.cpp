@@ -21,9 +21,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/avx512_load.hpp"
+#include "cpu/isa.hpp"
 #include "cpu/parallel.hpp"
 #include "cpu/scales.hpp"
-#include "cpu/target.hpp"
 
 // (Linux on x86-64 only: the tile state is granted through arch_prctl)
 #if defined(__linux__) && defined(__x86_64__)
@@ -88,8 +89,7 @@ void code_tables(const float* code, float scale, __m512i (&tables)[P]) {
   for (int i = 0; i < P; ++i) tables[i] = twice(parts[i]);
 }
 
-__m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-__m512 load16(const half_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+using avx512_load::load16;
 
 // x in P bf16 parts as B tiles (part j at base + j * part_elements): tile (batch tile bt, column
 // chunk c) row r holds, for each of its 16 input rows, columns 32 c + 2 r and 2 r + 1 side by side

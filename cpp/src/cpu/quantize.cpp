@@ -11,18 +11,13 @@
 #include <array>
 #include <cfloat>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define FP4_X86 1
-#endif
 
+#include "cpu/avx512_load.hpp"
+#include "cpu/isa.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/parallel.hpp"
-#include "cpu/target.hpp"
 #include "dtypes.hpp"
 #include "error.hpp"
 #include "formats.hpp"
@@ -46,15 +41,9 @@ struct Quantizer {
 };
 
 #ifdef FP4_X86
-FP4_TARGET_BEGIN("avx512f,avx512bw,avx512dq,avx512vl,f16c")
+FP4_TARGET_BEGIN("avx512f,avx512bw")
 namespace avx512 {
-
-__m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-__m512 load16(const half_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-__m512 load16(const bfloat16_t* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
+using avx512_load::load16;
 
 // Quantizes the full blocks [first, last) (blocksize % 16 == 0), 16 elements at a time with the
 // scalar path's fp32 operations. Returns the first block holding NaN or Inf (left for the scalar
@@ -99,13 +88,8 @@ int64_t quantize_full_blocks(const Quantizer& q, const T* x, int64_t blocksize, 
 }  // namespace avx512
 FP4_TARGET_END
 
-// AVX-512 for full blocks, unless FP4_CPU_ISA forces a lower ISA (testing).
-bool vector_quantize(int64_t blocksize) {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  const char* forced = std::getenv("FP4_CPU_ISA");
-  return has && blocksize % 16 == 0 && !(forced && (std::strcmp(forced, "avx2") == 0 || std::strcmp(forced, "generic") == 0));
-}
+// AVX-512 for full blocks (unless FP4_CPU_ISA forces a lower ISA: see cpu_isa).
+bool vector_quantize(int64_t blocksize) { return cpu_isa() == Isa::kAvx512 && blocksize % 16 == 0; }
 #endif
 
 template <typename T>
