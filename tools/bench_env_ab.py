@@ -34,6 +34,8 @@ def main():
     settings = values.split(",")
     if not name or len(settings) < 2:
         parser.error("switch: expected NAME=VALUE1,VALUE2")
+    if args.rounds < 1 or args.repeats < 1:
+        parser.error(f"--rounds and --repeats: expected at least 1, got {args.rounds} and {args.repeats}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     timer = _gpu_time if device.type == "cuda" else _cpu_time
