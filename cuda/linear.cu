@@ -6,6 +6,7 @@
 // shuffle reduces the lanes. Rows whose length is not a multiple of 8 take a simple kernel.
 #include "common.cuh"
 #include "kernels.hpp"
+#include "launch.cuh"
 
 #include <type_traits>
 
@@ -57,6 +58,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     gemv_kernel(const T* __restrict__ x, int64_t k, const uint8_t* __restrict__ packed, fp4_scales scales,
                 int64_t n, int blocksize_log2, Code16 code, const T* __restrict__ bias, T* __restrict__ y) {
   __shared__ float table[16];
+  allow_successor();
+  const int lane = threadIdx.x % 32;
+  const int64_t j = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (threadIdx.x < 16) {  // (a static index per candidate: indexing the parameter would copy it to the stack)
     float v = code.v[0];
 #pragma unroll
@@ -64,8 +68,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     table[threadIdx.x] = v;
   }
   __syncthreads();
-  const int lane = threadIdx.x % 32;
-  const int64_t j = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  wait_for_predecessor();
   if (j >= n) return;
   // A lane owns groups of 8 consecutive codes (one 4-byte word), and neighbouring lanes own
   // neighbouring groups: a warp's weight load is 128 contiguous bytes and its activation load 256
@@ -152,7 +155,8 @@ template <typename T, int M>
 void launch_gemv(const fp4_exec& exec, const T* x, int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n,
                  int log2, const Code16& code, const T* bias, T* y) {
   const unsigned grid = unsigned((n + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  gemv_kernel<T, M><<<grid, kWarpsPerBlock * 32, 0, stream_of(exec)>>>(x, k, packed, scales, n, log2, code, bias, y);
+  launch_dependent(exec.device_index, gemv_kernel<T, M>, grid, kWarpsPerBlock * 32, 0, stream_of(exec),
+                   "linear_4bit kernel", x, k, packed, scales, n, log2, code, bias, y);
 }
 
 }  // namespace

@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "launch.cuh"
 
 namespace fp4::cuda {
 
@@ -270,37 +271,6 @@ __global__ void finish_kernel(const float* __restrict__ partial, int64_t m, int6
     y[i] = store_from_float<T>(partial[i] + (bias ? load_as_float(bias + i % n) : 0.0f));
 }
 
-// A device attribute, cached per device (the query costs microseconds per launch).
-template <cudaDeviceAttr kAttribute>
-int device_attribute(int device, int fallback) {
-  static std::atomic<int> cached[64];  // (threads may race to fill it: they store the same value)
-  if (device < 0 || device >= 64) return fallback;
-  if (cached[device].load() == 0) {
-    int value = 0;
-    check(cudaDeviceGetAttribute(&value, kAttribute, device), "cudaDeviceGetAttribute");
-    cached[device].store(value);
-  }
-  return cached[device].load();
-}
-// Multiprocessors on `device`.
-inline int sm_count(int device) { return device_attribute<cudaDevAttrMultiProcessorCount>(device, 132); }
-// The most dynamic shared memory one block may opt into on `device` (227 KB on sm_90, 163 KB on
-// sm_80, 99 KB on sm_86 / sm_89).
-inline size_t max_block_smem(int device) {
-  return size_t(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device, 0));
-}
-
-// Raises kKernel's dynamic shared-memory limit to `bytes` on `device`, once per device (the call
-// costs microseconds per launch).
-template <auto kKernel>
-void allow_dynamic_smem(int device, size_t bytes) {
-  static std::atomic<bool> done[64];  // (threads may race to set it: they set the same value)
-  if (device >= 0 && device < 64 && done[device].load()) return;
-  check(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)),
-        "cudaFuncSetAttribute");
-  if (device >= 0 && device < 64) done[device].store(true);
-}
-
 // How many ways to split k so a grid of `tiles` blocks x splits fills whole waves of `capacity`
 // resident blocks: the smallest count whose last wave is >= 90% full (measured: a 1.7-wave grid
 // cost 30% at batch 16), at most 16, each split keeping >= min_stages of the `stages` k stages.
@@ -350,6 +320,8 @@ void with_partial_sums(bool split, float* workspace, int64_t m, int64_t n, const
 // blocks can hold its shared memory (gemm_4bit_stream_fits; 193-201 KB, so sm_90: the others take
 // the tiled kernel, as does FP4_CUDA_STREAM=0 for tests).
 bool gemm_4bit_stream_fits(int device, int64_t m);
+// The bytes of workspace it needs for batch m (two slots of sums per block).
+size_t gemm_4bit_stream_workspace_size(int64_t m);
 void gemm_4bit_stream(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m, int64_t k,
                       const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
                       void* y, float* workspace);
