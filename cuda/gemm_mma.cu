@@ -267,7 +267,11 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
 
 }  // namespace
 
-size_t gemm_4bit_workspace_size(int64_t m, int64_t n) { return size_t(m) * size_t(n) * sizeof(float); }
+// The split kernels' fp32 sums (one per output), or the small-batch kernel's slots.
+size_t gemm_4bit_workspace_size(int64_t m, int64_t n) {
+  const size_t sums = size_t(m) * size_t(n) * sizeof(float);
+  return m <= 16 ? std::max(sums, gemm_4bit_stream_workspace_size(m)) : sums;
+}
 
 void gemm_4bit(const fp4_exec& exec, fp4_quant_type type, const void* x, fp4_dtype dtype, int64_t m, int64_t k,
                const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,

@@ -8,10 +8,11 @@
 // short-lived blocks pay a pipeline fill, a drain and a pair-table build each. So batch <= 16 runs
 // one block of 16 warps per SM (one pair table) with a 4-stage ring (3 stages, 96 KB, in flight per
 // SM), and each block walks a contiguous range of the flattened (feature tile, stage) space,
-// flushing its sums to the fp32 workspace whenever the tile changes. Batch <= 8 reads activations
-// through L1 (every warp of the block reads the same ones); batch 9-16 copies each stage's slice
-// once per block into shared memory (see kSharedX). The mma runs on unscaled codes when blocksize
-// is 64 (the block scale multiplies each 64-column partial sum once), and those scales travel by
+// storing its sums whenever the tile changes (StreamOutput: no atomics, nothing to clear). Batch
+// <= 8 reads activations through L1 (every warp of the block reads the same ones); batch 9-16
+// copies each stage's slice once per block into shared memory (see kSharedX). The mma runs on
+// unscaled codes when blocksize is 64 (the block scale multiplies each 64-column partial sum
+// once), and those scales travel by
 // cp.async with their stage's weights into spare shared memory (one copy per lane and stage instead
 // of eight loads into a register ring: batch 16 on (28672, 8192) 88 -> 83 us).
 #include "kernels.hpp"
@@ -135,18 +136,125 @@ __device__ __forceinline__ void load_activations(uint4 (&xu)[NT][2], uint32_t ri
   }
 }
 
-// Adds a warp's sums for features row0 + [0, 16) to the fp32 workspace (those in range) and clears them.
+// The stream-K split: `total` units (feature tile, stage) in tile order, block b summing units
+// [begin(b), begin(b + 1)). Every block has at least one unit (blocks <= total).
+struct StreamRanges {
+  int64_t total, stages_per_tile;
+  int blocks;
+  __host__ __device__ int64_t begin(int64_t block) const { return total * block / blocks; }
+  // The block whose range holds `unit`: the largest b with begin(b) <= unit.
+  __device__ int64_t block_of(int64_t unit) const { return ((unit + 1) * blocks + total - 1) / total - 1; }
+};
+
+// Where the sums go. A tile one block sums whole is stored to y (plus bias) by that block; a tile
+// split between blocks is stored by each into a slot of its own (a block has two: its range's
+// first tile and its last; the tiles between are whole), and finish_stream_kernel adds the slots
+// up in block order. No atomics and nothing to clear first: the result is deterministic, and no
+// memset sits between a kernel and the one before it (see launch.cuh).
+template <typename T>
+struct StreamOutput {
+  T* y;
+  const T* bias;
+  float* slots;  // [2 * block + (0: first tile, 1: last)][batch row][tile row]
+};
+// Slots cover blocks up to this many (grids are capped to it), kTileRows of at most 256.
+constexpr int kStreamMaxBlocks = 256, kStreamMaxTileRows = 256;
+
+// Where a warp's sums go when it flushes in the first tile of its block's range or a later one
+// (tile_ends: at the tile's last unit; starts_mid: the range begins inside its first tile): -1 for
+// y (the block summed the tile whole), else the block's slot (2 * block: the first tile, + 1: the last).
+__device__ __forceinline__ int store_slot(bool first_tile, bool starts_mid, bool tile_ends) {
+  if (tile_ends && !(first_tile && starts_mid)) return -1;
+  return 2 * int(blockIdx.x) + (first_tile ? 0 : 1);
+}
+
+// A warp's sums, by value (see store_sums).
 template <int NT>
-__device__ __forceinline__ void flush_sums(float (&acc)[NT][4], int64_t row0, int g, int t, int64_t m, int64_t n,
-                                           float* partial) {
+struct WarpSums {
+  float v[NT][4];
+};
+
+// Stores a warp's sums for features row0 + [0, 16), rows tile_row + [0, 16) of a tile of
+// tile_rows: to y plus bias when `slot` < 0 (the block summed the whole tile), else into slot
+// `slot`. Out of line: inlined, its addressing was hoisted into the kernels' loops and spilled
+// their registers (the stores happen once per tile).
+template <typename T, int NT>
+__device__ __noinline__ void store_sums(WarpSums<NT> sums, int64_t row0, int tile_row, int tile_rows, int lane,
+                                        int64_t m, int64_t n, StreamOutput<T> out, int slot) {
+  const int g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int64_t f = row0 + g + (i / 2) * 8, b = nt * 8 + 2 * t + (i % 2);
-      if (f < n && b < m) atomicAdd(partial + b * n + f, acc[nt][i]);
-      acc[nt][i] = 0.0f;
+      const int r = g + (i / 2) * 8;
+      const int64_t f = row0 + r, b = nt * 8 + 2 * t + (i % 2);
+      if (f < n && b < m) {
+        if (slot < 0)
+          out.y[b * n + f] = store_from_float<T>(sums.v[nt][i] + (out.bias ? load_as_float(out.bias + f) : 0.0f));
+        else
+          out.slots[(slot * m + b) * tile_rows + tile_row + r] = sums.v[nt][i];
+      }
     }
+}
+// Hands acc to store_sums and clears it.
+template <typename T, int NT>
+__device__ __forceinline__ void flush_sums(float (&acc)[NT][4], int64_t row0, int tile_row, int tile_rows, int lane,
+                                           int64_t m, int64_t n, const StreamOutput<T>& out, int slot) {
+  WarpSums<NT> sums;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) sums.v[nt][i] = acc[nt][i], acc[nt][i] = 0.0f;
+  store_sums<T, NT>(sums, row0, tile_row, tile_rows, lane, m, n, out, slot);
+}
+
+// Adds up the slots of tile blockIdx.x, batch row blockIdx.y, plus bias, into y (in block order),
+// if blocks split that tile. Which blocks did, and their slots, is worked out once per block
+// before the wait (64-bit divisions per element cost ~5 us at batch 16).
+template <typename T>
+__global__ void __launch_bounds__(kStreamMaxTileRows)
+    finish_stream_kernel(StreamRanges ranges, int tile_rows, int64_t m, int64_t n, const float* __restrict__ slots,
+                         const T* __restrict__ bias, T* __restrict__ y) {
+  __shared__ int64_t first_block;
+  __shared__ int contributors;
+  __shared__ int slot_of[kStreamMaxBlocks];
+  allow_successor();
+  const int64_t tile = blockIdx.x, b = blockIdx.y, spt = ranges.stages_per_tile;
+  if (threadIdx.x == 0) {
+    first_block = ranges.block_of(tile * spt);
+    contributors = int(ranges.block_of(tile * spt + spt - 1) - first_block) + 1;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < contributors; i += blockDim.x) {
+    const int64_t block = first_block + i;
+    slot_of[i] = int(2 * block + (ranges.begin(block) / spt == tile ? 0 : 1));
+  }
+  __syncthreads();
+  wait_for_predecessor();  // (in every block: see launch.cuh)
+  const int64_t f = tile * tile_rows + threadIdx.x;
+  if (contributors == 1 || int(threadIdx.x) >= tile_rows || f >= n) return;  // (one block summed it and stored y)
+  float sum = 0.0f;
+  for (int i = 0; i < contributors; ++i) sum += slots[(slot_of[i] * m + b) * tile_rows + threadIdx.x];
+  y[b * n + f] = store_from_float<T>(sum + (bias ? load_as_float(bias + f) : 0.0f));
+}
+
+// Before wait_for_predecessor: asks the L2 for the codes and scales of the first `stages` stages
+// (128 bytes of codes per row each) of rows [row0, row0 + rows) from chunk c0, within the rows.
+__device__ __forceinline__ void prefetch_first_stages(const uint8_t* packed, const fp4_scales& scales, int64_t n,
+                                                      int64_t k, int blocksize_log2, int64_t row0, int rows,
+                                                      int64_t c0, int64_t stages) {
+  const int64_t first = c0 * (kChunk / 2), bytes = min(stages * kChunk, k / 2 - first);
+  for (int r = threadIdx.x; r < rows && row0 + r < n; r += blockDim.x) {
+    const int64_t row = row0 + r;
+    prefetch_l2(packed + row * (k / 2) + first, uint32_t(bytes));
+    // The stage's blocks (plain fp32 absmax, or nested one-byte codes), widened to 16-byte lines.
+    const int64_t block0 = (row * k + 2 * first) >> blocksize_log2, block1 = (row * k + 2 * (first + bytes) - 1) >> blocksize_log2;
+    const int width = scales.nested_codes ? 1 : 4;
+    const uintptr_t base = reinterpret_cast<uintptr_t>(scales.nested_codes ? static_cast<const void*>(scales.nested_codes)
+                                                                           : static_cast<const void*>(scales.absmax));
+    const uintptr_t lo = (base + block0 * width) & ~uintptr_t(15), hi = (base + (block1 + 1) * width + 15) & ~uintptr_t(15);
+    prefetch_l2(reinterpret_cast<const void*>(lo), uint32_t(hi - lo));
+  }
 }
 
 // kBlock64: blocksize 64 with k % 256 == 0 (scales through the ring, see gemm_4bit_stream).
@@ -154,7 +262,7 @@ template <typename T, int NT, bool kBlock64, bool kNested>
 __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
     gemm_stream_kernel(const T* __restrict__ x, int64_t m, int64_t k, const uint8_t* __restrict__ packed,
                        fp4_scales scales, int nested_log2, int64_t n, int blocksize_log2, Code16 code,
-                       int64_t stages_per_tile, int64_t total_stages, float* __restrict__ partial) {
+                       StreamRanges ranges, StreamOutput<T> out) {
   using C = StreamConfig<NT>;
   constexpr int kSpan = C::kSpan, kRowBytes = C::kRowBytes, kStages = C::kStages;
   constexpr bool kPostScale = kBlock64;
@@ -165,18 +273,25 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
   uint8_t* const ring = smem + C::kTableBytes + kCodeBytes;
   const uint32_t x_ring = uint32_t(__cvta_generic_to_shared(ring + C::kRingBytes));
   const uint32_t x_full = x_ring + uint32_t(C::kXBytes), x_empty = x_full + C::kXSlots * sizeof(uint64_t);
+  allow_successor();
+  const int64_t stages_per_tile = ranges.stages_per_tile;
+  const int64_t begin = ranges.begin(blockIdx.x), end = ranges.begin(blockIdx.x + 1);
+  prefetch_first_stages(packed, scales, n, k, blocksize_log2, (begin / stages_per_tile) * C::kTileRows, C::kTileRows,
+                        (begin % stages_per_tile) * kSpan, min(int64_t(kStages), end - begin));
   if constexpr (C::kSharedX) {
     if (threadIdx.x == 0)
       for (int s = 0; s < C::kXSlots; ++s)
         mbarrier_init(x_full + s * 8, C::kThreads), mbarrier_init(x_empty + s * 8, C::kWarps);
   }
-  build_pair_table<T, 256, kNested>(table, codes, code, scales);  // (its barrier orders the inits)
+  // (the nested codebook is read from global memory, so after the wait; the table's barrier orders the inits)
+  if constexpr (kNested) wait_for_predecessor();
+  build_pair_table<T, 256, kNested>(table, codes, code, scales);
+  if constexpr (!kNested) wait_for_predecessor();
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int g = lane / 4, t = lane % 4;
   const uint32_t lane_bytes = uint32_t(lane) * 4;
   const int64_t chunks = k / kChunk;
-  const int64_t begin = total_stages * blockIdx.x / gridDim.x, end = total_stages * (blockIdx.x + 1) / gridDim.x;
   const float nested_offset = kNested ? *scales.nested_offset : 0.0f;
   constexpr int kPiecesPerRow = kRowBytes / 16;
   uint8_t* const warp_ring = ring + warp * kWarpStageBytes;
@@ -283,6 +398,8 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
     for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
 
   int64_t row0 = (begin / stages_per_tile) * C::kTileRows + warp * C::kRows, c0 = (begin % stages_per_tile) * kSpan;
+  const int first_units = int(stages_per_tile - c0 / kSpan);  // the range's units in its first tile
+  const bool starts_mid = c0 != 0;
   const T* x_lane = x + int64_t(g) * k + 16 * t;  // this lane's activation row (nt = 0), its columns
   auto compute = [&](int slot, int64_t gs) {
     const uint8_t* stage = warp_ring + slot * kStageStride;
@@ -333,10 +450,11 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
       __syncwarp();
       if (lane == 0) mbarrier_arrive(x_empty + x_slot * 8);
     }
-    // The tile ends here (or the block's range does): add this warp's sums to the workspace.
+    // The tile ends here (or the block's range does): store this warp's sums.
     c0 += kSpan;
     if (c0 >= chunks || gs + 1 == end) {
-      flush_sums(acc, row0, g, t, m, n, partial);
+      flush_sums(acc, row0, warp * C::kRows, C::kTileRows, lane, m, n, out,
+                 store_slot(int(gs - begin) < first_units, starts_mid, c0 >= chunks));
       c0 = 0, row0 += C::kTileRows;
     }
   };
@@ -359,6 +477,19 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
   }
 }
 
+// Runs launch(ranges, out) (the stream kernel over `total` units, one block per SM) and then
+// finish_stream_kernel, both as dependent launches; the slots live in `workspace`.
+template <typename T, typename Launch>
+void launch_with_finish(const fp4_exec& exec, int64_t total, int64_t stages_per_tile, int tile_rows, int64_t m,
+                        int64_t n, const T* bias, T* y, float* workspace, Launch&& launch) {
+  const int device = exec.device_index;
+  const StreamRanges ranges{total, stages_per_tile, int(std::min<int64_t>({sm_count(device), total, kStreamMaxBlocks}))};
+  launch(ranges, StreamOutput<T>{y, bias, workspace});
+  launch_dependent(device, finish_stream_kernel<T>, dim3(unsigned((n + tile_rows - 1) / tile_rows), unsigned(m)),
+                   kStreamMaxTileRows, 0, stream_of(exec), "gemm_4bit finish kernel", ranges, tile_rows, m, n,
+                   workspace, bias, y);
+}
+
 template <typename T, int NT, bool kBlock64, bool kNested>
 void launch_stream(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed,
                    const fp4_scales& scales, int64_t n, int log2, const Code16& code, const T* bias, T* y,
@@ -370,15 +501,14 @@ void launch_stream(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const
   const int64_t chunks = k / kChunk;
   const int64_t stages_per_tile = (chunks + C::kSpan - 1) / C::kSpan;
   const int64_t tiles = (n + C::kTileRows - 1) / C::kTileRows;
-  const int64_t total = tiles * stages_per_tile;
-  const int64_t grid = std::min<int64_t>(sm_count(device), total);
+  static_assert(C::kTileRows <= kStreamMaxTileRows, "the slots' size");
   const int nested_log2 = nested_shift(scales);
-  cudaStream_t stream = stream_of(exec);
-  with_partial_sums(true, workspace, m, n, bias, y, stream, [&](float* partial) {  // (ranges always meet there)
-    kernel<<<unsigned(grid), C::kThreads, C::kSmemBytes, stream>>>(x, m, k, packed, scales, nested_log2, n, log2,
-                                                                   code, stages_per_tile, total, partial);
-    check_launch("gemm_4bit stream kernel");
-  });
+  launch_with_finish(exec, tiles * stages_per_tile, stages_per_tile, C::kTileRows, m, n, bias, y, workspace,
+                     [&](const StreamRanges& ranges, const StreamOutput<T>& out) {
+                       launch_dependent(device, kernel, unsigned(ranges.blocks), C::kThreads, C::kSmemBytes,
+                                        stream_of(exec), "gemm_4bit stream kernel", x, m, k, packed, scales,
+                                        nested_log2, n, log2, code, ranges, out);
+                     });
 }
 
 
@@ -414,8 +544,8 @@ struct FedConfig {
 template <typename T, int NT, bool kNested>
 __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
     gemm_stream_fed_kernel(const __grid_constant__ CUtensorMap w_map, const T* __restrict__ x, int64_t m, int64_t k,
-                           fp4_scales scales, int nested_log2, int64_t n, Code16 code, int64_t stages_per_tile,
-                           int64_t total_stages, float* __restrict__ partial) {
+                           const uint8_t* __restrict__ packed, fp4_scales scales, int nested_log2, int64_t n,
+                           Code16 code, StreamRanges ranges, StreamOutput<T> out) {
   using C = FedConfig<NT>;
   constexpr int S = C::kStages;
   extern __shared__ __align__(16) uint8_t smem_raw[];
@@ -426,6 +556,11 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
   uint8_t* const x_ring = table + C::kTableBytes + kCodeBytes;
   uint64_t* const full = reinterpret_cast<uint64_t*>(x_ring + S * C::kXStageBytes);  // [slot][part]
   uint64_t* const empty = full + S * C::kParts;                                        // [slot]
+  allow_successor();
+  const int64_t stages_per_tile = ranges.stages_per_tile;
+  const int64_t begin = ranges.begin(blockIdx.x), end = ranges.begin(blockIdx.x + 1);
+  prefetch_first_stages(packed, scales, n, k, 6 /* blocksize 64 */, (begin / stages_per_tile) * C::kTileRows, C::kTileRows,
+                        (begin % stages_per_tile) * 2, min(int64_t(S), end - begin));
   if (threadIdx.x == 0) {
     // (FULL: lane 0's expect_tx arrival + each producer lane's arrival when its copies land)
     for (int s = 0; s < S * C::kParts; ++s) tma::mbarrier_init(full + s, 1 + 32);
@@ -436,7 +571,6 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t chunks = k / kChunk;
-  const int64_t begin = total_stages * blockIdx.x / gridDim.x, end = total_stages * (blockIdx.x + 1) / gridDim.x;
   const uint32_t table_window = tma::shared_address(table), x_window = tma::shared_address(x_ring);
   // The producer's cursor: unit u of the range (tile, chunk c0) into ring slot `slot` of phase `phase`.
   // Slot s's scales (W warps): fp32 absmax of feature row R at half row 2 W s + R / 8, bytes (R % 8) * 16;
@@ -483,10 +617,12 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
     if (++slot == S) slot = 0, phase ^= 1;
   };
   // The first S stages are requested before the pair table is built (its copies go to the table's
-  // spare halves, which the build leaves alone).
+  // spare halves, which the build leaves alone). Copies and the nested codebook come after the wait.
+  if (warp == C::kWarps || kNested) wait_for_predecessor();
   if (warp == C::kWarps)
     while (u < end && u - begin < S) produce();
   build_pair_table<T, 256, kNested>(table, codes, code, scales);
+  wait_for_predecessor();
   __syncthreads();  // the pair table
   if (warp == C::kWarps) {
     while (u < end) produce();
@@ -503,10 +639,14 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
-  int64_t row0 = (begin / stages_per_tile) * C::kTileRows + warp * C::kRows, c0 = (begin % stages_per_tile) * 2;
+  // (32-bit counters: ranges hold < 2^31 units; 64-bit ones cost registers the loop does not have)
+  int64_t row0 = (begin / stages_per_tile) * C::kTileRows + warp * C::kRows;
+  int c0 = int(begin % stages_per_tile) * 2;
+  const int units = int(end - begin), first_units = int(stages_per_tile) - c0 / 2;
+  const bool starts_mid = c0 != 0;
   const T* x_lane = x + int64_t(g) * k + 16 * t;
   slot = 0, phase = 0;
-  for (int64_t gs = begin; gs < end; ++gs) {
+  for (int step = 0; step < units; ++step) {
     tma::mbarrier_wait(full + slot * C::kParts + warp / 4, phase);
     const uint8_t* stage = ring + slot * C::kStageBytes + warp * C::kRows * 128;
     const uint32_t scales_here = table_window + uint32_t((slot * C::kWarps + warp) * (kNested ? 1 : 2)) * 256 + 128;
@@ -546,10 +686,11 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
     __syncwarp();
     if (lane == 0) tma::mbarrier_arrive(empty + slot);
     if (++slot == S) slot = 0, phase ^= 1;
-    // The tile ends here (or the block's range does): add this warp's sums to the workspace.
+    // The tile ends here (or the block's range does): store this warp's sums.
     c0 += 2;
-    if (c0 >= chunks || gs + 1 == end) {
-      flush_sums(acc, row0, g, t, m, n, partial);
+    if (c0 >= chunks || step + 1 == units) {
+      flush_sums(acc, row0, warp * C::kRows, C::kTileRows, lane, m, n, out,
+                 store_slot(step < first_units, starts_mid, c0 >= chunks));
       c0 = 0, row0 += C::kTileRows;
     }
   }
@@ -562,20 +703,23 @@ void launch_fed(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const ui
   constexpr auto kernel = gemm_stream_fed_kernel<T, NT, kNested>;
   const int device = exec.device_index;
   allow_dynamic_smem<kernel>(device, C::kSmemBytes);
+  static_assert(C::kTileRows <= kStreamMaxTileRows, "the slots' size");
   const int64_t stages_per_tile = k / 256;
   const int64_t tiles = (n + C::kTileRows - 1) / C::kTileRows;
-  const int64_t total = tiles * stages_per_tile;
-  const int64_t grid = std::min<int64_t>(sm_count(device), total);
   const CUtensorMap w_map = tma::map_2d(packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, k / 2, n, k / 2, 128, C::kPartRows,
                                         CU_TENSOR_MAP_SWIZZLE_128B, "the packed weight");
-  cudaStream_t stream = stream_of(exec);
-  with_partial_sums(true, workspace, m, n, bias, y, stream, [&](float* partial) {
-    kernel<<<unsigned(grid), C::kThreads, C::kSmemBytes, stream>>>(w_map, x, m, k, scales, nested_shift(scales), n,
-                                                                   code, stages_per_tile, total, partial);
-    check_launch("gemm_4bit fed stream kernel");
-  });
+  launch_with_finish(exec, tiles * stages_per_tile, stages_per_tile, C::kTileRows, m, n, bias, y, workspace,
+                     [&](const StreamRanges& ranges, const StreamOutput<T>& out) {
+                       launch_dependent(device, kernel, unsigned(ranges.blocks), C::kThreads, C::kSmemBytes,
+                                        stream_of(exec), "gemm_4bit fed stream kernel", w_map, x, m, k, packed,
+                                        scales, nested_shift(scales), n, code, ranges, out);
+                     });
 }
 }  // namespace
+
+size_t gemm_4bit_stream_workspace_size(int64_t m) {
+  return size_t(2 * kStreamMaxBlocks) * kStreamMaxTileRows * size_t(m) * sizeof(float);
+}
 
 bool gemm_4bit_stream_fits(int device, int64_t m) {
   if (const char* forced = std::getenv("FP4_CUDA_STREAM"); forced && std::strcmp(forced, "0") == 0)

@@ -174,6 +174,63 @@ def test_gemm_fed_stream_matches_reference(monkeypatch, batch, double_quant, dty
     _check(layer, torch.randn(batch, 1280, device="cuda", dtype=dtype), "gemm")
 
 
+@pytest.mark.parametrize("batch", [1, 12])
+@pytest.mark.parametrize("fed", ["0", "1"], ids=["stream", "fed"])
+def test_stream_kernels_store_whole_tiles_and_add_up_split_ones(monkeypatch, fed, batch):
+    """With short rows a block's range holds whole tiles (stored straight to y) between split ones
+    (stored to the block's slots and added up by the finish kernel): (51216, 512) is 201 tiles of 256
+    rows x 2 stages over <= 132 blocks, the last tile 16 rows; the fed form's 192-row tiles split
+    differently. The sums are added in a fixed order: every call gives the same bits, and so does
+    launching without programmatic dependent launch (FP4_CUDA_PDL=0)."""
+    if fed == "1" and not WGMMA:
+        pytest.skip("the fed form needs an sm_90 GPU and a library built for sm_90a")
+    monkeypatch.setenv("FP4_CUDA_STREAM_FED", fed)
+    layer = _layer(51216, 512, torch.bfloat16, "nf4")
+    x = torch.randn(batch, 512, device="cuda", dtype=torch.bfloat16)
+    _check(layer, x, "gemm")
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    first = ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm").clone()
+    for _ in range(5):
+        assert torch.equal(ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm"), first)
+    monkeypatch.setenv("FP4_CUDA_PDL", "0")
+    assert torch.equal(ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm"), first)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 12])
+def test_chained_layers_in_a_cuda_graph_wait_for_their_inputs(monkeypatch, batch):
+    """Kernels launch as programmatic dependents of the kernel before them (sm_90+) and may start
+    before it ends; each must wait for it before reading activations or writing. Here every layer
+    reads the output of the one before (sometimes through a torch op, which does not take part),
+    replayed as one CUDA graph: the result must equal eager calls launched without dependent launch,
+    bit for bit (every kernel here adds in a fixed order)."""
+    torch.manual_seed(0)
+    layers = [_layer(1024, 1024, torch.float16, "nf4", i % 2 == 1) for i in range(6)]
+    layers.append(_layer(4096, 1024, torch.float16))  # the GEMV at batch 1, the stream kernel above
+    layers.append(_layer(1024, 4096, torch.float16))
+
+    def run(h):
+        for i, layer in enumerate(layers):
+            h = layer(h) * 0.125
+            if i == 3:
+                h = torch.relu(h)
+        return h
+
+    x = torch.randn(batch, 1024, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        monkeypatch.setenv("FP4_CUDA_PDL", "0")
+        expected = run(x)
+        monkeypatch.setenv("FP4_CUDA_PDL", "1")
+        run(x)  # warm-up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = run(x)
+        for _ in range(3):
+            y.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.isfinite(y).all() and torch.equal(y, expected)
+
+
 def _cuda_kernel_names(run):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
         run()

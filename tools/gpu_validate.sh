@@ -16,7 +16,7 @@ if [ "$what" = tests ] || [ "$what" = sanitize ] || [ "$what" = all ]; then
   kernels="gemm_large or random_shapes or stream_ranges or unaligned_absmax or \
     (gemm_matches and (3 or 9 or 17 or 65) and float16) or (wgmma and float16 and (17 or 40)) or \
     wgmma_nested or (cuda and forward and float16) or \
-    (fed_stream_matches and float16)"
+    (fed_stream_matches and float16) or whole_tiles or chained_layers"
   warp_specialized="(wgmma_gemm_matches and float16 and (65 or 128 or 130 or 257 or 300)) or identical_bits or \
     fed_stream_matches"
   for tool in memcheck racecheck synccheck; do

@@ -214,7 +214,11 @@ fp4_status fp4_linear_4bit(const fp4_exec* exec, fp4_quant_type quant_type, cons
 
 size_t fp4_gemm_4bit_workspace_size(int64_t m, int64_t n) {
   if (m <= 0 || n <= 0) return 0;
-  return size_t(m) * size_t(n) * sizeof(float);
+#ifdef FP4_WITH_CUDA
+  return cuda::gemm_4bit_workspace_size(m, n);
+#else
+  return size_t(m) * size_t(n) * sizeof(float);  // (the GEMM runs on CUDA only)
+#endif
 }
 
 fp4_status fp4_gemm_4bit(const fp4_exec* exec, fp4_quant_type quant_type, const void* x, fp4_dtype dtype, int64_t m,

@@ -125,7 +125,10 @@ FP4_API fp4_status fp4_linear_4bit(const fp4_exec* exec, fp4_quant_type quant_ty
  * 4-bit weight once per tile of batch rows (16 to 256), dequantizes on the fly. Needs k % 128 == 0,
  * x and packed 16-byte aligned (FP4_ERROR_NOT_SUPPORTED otherwise). Small batches split k across
  * blocks and meet in `workspace`: fp4_gemm_4bit_workspace_size(m, n) bytes of device memory on
- * exec's device (contents are scratch; NULL is allowed only when that size is 0). */
+ * exec's device (contents are scratch; NULL is allowed only when that size is 0; for m <= 16 it is
+ * at least 512 KiB per batch row). On GPUs whose blocks hold ~200 KB of shared memory (H100),
+ * batches m <= 16 add the split sums in a fixed order: the same inputs give the same bits on every
+ * call. */
 FP4_API size_t fp4_gemm_4bit_workspace_size(int64_t m, int64_t n);
 FP4_API fp4_status fp4_gemm_4bit(const fp4_exec* exec, fp4_quant_type quant_type, const void* x, fp4_dtype dtype,
                                  int64_t m, int64_t k, const uint8_t* packed, const fp4_scales* scales, int64_t n,
