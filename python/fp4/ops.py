@@ -29,7 +29,7 @@ from .quant_state import QuantState
 # - / 101-106 / 149, batch 1024: - / 169-185 / 217; (14336, 4096) batch 256: - / 54-59 / 125, batch
 # 512: - / 105-112 / 160, batch 1024: - / 210-257 / 225 (a tie that moves with the GPU's clocks: the
 # GEMM keeps it, needing no dense temporary); (4096, 4096) batch 1: 9.6 / 12.2, batch 2: 10.9 / 12.0
-# (the GEMM's fixed cost, ~3 us of workspace clear and finish, decides small weights).
+# (the GEMM's fixed cost, its finish kernel and a second launch, decides small weights).
 # docs/perf-log.md has the history.
 CUDA_GEMV_MAX_WEIGHTS = {1: 1 << 27, 2: 1 << 25}
 CUDA_GEMV_MAX_BATCH = max(CUDA_GEMV_MAX_WEIGHTS)
