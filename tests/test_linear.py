@@ -50,12 +50,13 @@ def test_leading_dims_and_empty_batch(device):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_eager_forward_hands_libfp4_capsules(device, batch, monkeypatch):
+def test_forward_hands_libfp4_capsules(device, batch, monkeypatch):
     """The eager forward passes x, bias, y (and the GEMM's workspace) to libfp4 as DLPack capsules
     from torch's C to_dlpack: a torch.Tensor would make nanobind call Tensor.__dlpack__, ~2 us of
-    Python per tensor and call. 2-d and 3-d inputs, the same bits."""
+    Python per tensor and call. So does the torch op, which prepares the weight's arrays on every
+    call. 2-d and 3-d inputs, the op, the same bits."""
     dtype = torch.float16 if device == "cuda" else torch.float32  # (batch 3 in fp16 takes the CUDA GEMM)
-    layer = fp4.FP4Linear.from_linear(nn.Linear(256, 64, device=device, dtype=dtype))
+    layer = fp4.FP4Linear.from_linear(nn.Linear(256, 64, device=device, dtype=dtype), double_quant=True)
     x = torch.randn(batch, 256, device=device, dtype=dtype)
     with torch.inference_mode():
         expected = layer(x)  # (also prepares the weight, whose arrays go through __dlpack__ once)
@@ -71,6 +72,10 @@ def test_eager_forward_hands_libfp4_capsules(device, batch, monkeypatch):
     with torch.inference_mode():
         assert torch.equal(layer(x), expected)
         assert torch.equal(layer(x.reshape(1, batch, 256)), expected.reshape(1, batch, 64))
+        assert torch.equal(torch.ops.fp4.linear_4bit(x, layer.weight, layer.absmax, layer.bias, layer.quant_type,
+                                                     layer.blocksize, layer.out_features, layer.nested_absmax,
+                                                     layer.nested_code, layer.nested_offset, layer.nested_blocksize),
+                           expected)
     assert calls == []
 
 

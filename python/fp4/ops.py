@@ -76,8 +76,11 @@ class KernelArgs:
         """The weight as a _C.PreparedWeight: its arrays are converted and checked once, so a forward
         call hands libfp4 only x, bias and y (each DLPack conversion costs microseconds of host time)."""
         if self._prepared is None:
-            self._prepared = _C.prepare_weight(self.codes, self.scales, self.quant_type, self.blocksize,
-                                               self.out_features, self.in_features, **self.nested)
+            # (capsules: the torch ops prepare a weight on every call, see dlpack_of)
+            nested = {name: dlpack_of(value) if isinstance(value, torch.Tensor) else value
+                      for name, value in self.nested.items()}
+            self._prepared = _C.prepare_weight(dlpack_of(self.codes), dlpack_of(self.scales), self.quant_type,
+                                               self.blocksize, self.out_features, self.in_features, **nested)
         return self._prepared
 
     @classmethod
