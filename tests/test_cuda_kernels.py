@@ -136,9 +136,7 @@ def test_random_shapes_every_kernel(seed):
     dtype = (torch.float16, torch.bfloat16)[seed % 2]
     layer = _layer(out_features, in_features, dtype, ("fp4", "nf4")[seed % 2], bool(seed % 3))
     x = torch.randn(batch, in_features, device="cuda", dtype=dtype)
-    for kernel in ops.KERNELS:
-        if kernel == "gemv" and batch > ops.GEMV_KERNEL_MAX_BATCH:
-            continue
+    for kernel in ops.KERNELS:  # (the GEMV past its batch: one launch per GEMV_KERNEL_MAX_BATCH rows)
         _check(layer, x, kernel)
 
 
@@ -335,6 +333,18 @@ def test_gemm_rejects_what_it_cannot_serve():
     assert torch.isfinite(layer(x.float())).all()
 
 
+@pytest.mark.parametrize("batch", [9, 13, 16])
+def test_float32_gemv_past_one_launch(batch):
+    """fp32 activations have no GEMM: batches past one GEMV launch run it once per
+    GEMV_KERNEL_MAX_BATCH rows, each launch's rows landing in their own place of y (poisoned first)."""
+    layer = _layer(384, 1024, torch.float32, double_quant=True)
+    x = torch.randn(batch, 1024, device="cuda")
+    assert ops.choose_kernel(x, ops.KernelArgs.of_state(layer.weight, layer.quant_state), batch) == "gemv"
+    _check(layer, x, "gemv")
+    reference = x.double() @ layer.dequantize().double().t() + layer.bias.double()
+    assert ((layer(x).double() - reference).norm() / reference.norm()).item() < 1e-5
+
+
 def test_dispatch_thresholds():
     layer = _layer(128, 256, torch.float16)
     args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
@@ -348,7 +358,8 @@ def test_dispatch_thresholds():
     odd = ops.KernelArgs(args.codes, args.scales, "nf4", 64, (128, 384))
     assert ops.choose_kernel(x, odd, ops.CUDA_GEMM_MAX_BATCH + 1) == "dequantize_matmul"
     assert ops.choose_kernel(x.float(), args, 5) == "gemv"  # float32: no tensor-core path
-    assert ops.choose_kernel(x.float(), args, 16) == "dequantize_matmul"
+    assert ops.choose_kernel(x.float(), args, ops.GEMV_CHUNKED_MAX_BATCH) == "gemv"  # (one launch per 8 rows)
+    assert ops.choose_kernel(x.float(), args, ops.GEMV_CHUNKED_MAX_BATCH + 1) == "dequantize_matmul"
     # Large weights take the GEMM from batch 1 (its fixed cost is small next to the weight read).
     for m, limit in ops.CUDA_GEMV_MAX_WEIGHTS.items():
         big = ops.KernelArgs(args.codes, args.scales, "nf4", 64, (limit // 256, 256))

@@ -13,7 +13,7 @@ from ._torch import dlpack_of, stream_of
 from .quant_state import QuantState
 
 # Which CUDA kernel serves which batch (fp16/bf16 activations, in_features % 128 == 0 and aligned
-# buffers; otherwise the GEMV up to its largest batch, then dequantize + cuBLAS):
+# buffers; otherwise the GEMV to GEMV_CHUNKED_MAX_BATCH, then dequantize + cuBLAS):
 #   m <= 2 with fewer weights than CUDA_GEMV_MAX_WEIGHTS[m]   the fused GEMV (warp per output feature)
 #   m <= CUDA_GEMM_MAX_BATCH      the fused tensor-core GEMM (stream-K kernel to 16, on sm_90a in its
 #                                 producer-fed form for >= 2^27 weights; above, the Hopper wgmma
@@ -35,7 +35,12 @@ CUDA_GEMV_MAX_WEIGHTS = {1: 1 << 27, 2: 1 << 25}
 CUDA_GEMV_MAX_BATCH = max(CUDA_GEMV_MAX_WEIGHTS)
 CUDA_GEMM_MAX_BATCH = 64
 CUDA_WGMMA_MAX_BATCH = 1024
-GEMV_KERNEL_MAX_BATCH = _C.gemv_max_batch()  # the largest batch the GEMV kernel takes
+GEMV_KERNEL_MAX_BATCH = _C.gemv_max_batch()  # the largest batch one CUDA GEMV launch takes
+# Past it the GEMV runs once per GEMV_KERNEL_MAX_BATCH rows (the weight read once per launch); where
+# the GEMM cannot run (float32 activations, unaligned shapes), that beats a dense copy up to this
+# batch. H100, fp32 nf4, batch 16: dequantize + cuBLAS / GEMV on 8 rows: (2048, 2048) 44.9 / 11.1,
+# (4096, 4096) 100.8 / 40.0, (2048, 768) 19.3 / 5.3 us.
+GEMV_CHUNKED_MAX_BATCH = 2 * GEMV_KERNEL_MAX_BATCH
 KERNELS = ("gemv", "gemm", "dequantize_matmul")
 
 # The input gradient dequantizes the weight one slab of rows at a time, so training never holds a
@@ -126,7 +131,7 @@ def choose_kernel(x: torch.Tensor, args: KernelArgs, m: int) -> str:
             return "gemm"
         return "dequantize_matmul"
     # float32 activations or unaligned shapes: the GEMV still beats a dense copy up to its limit.
-    return "gemv" if m <= GEMV_KERNEL_MAX_BATCH else "dequantize_matmul"
+    return "gemv" if m <= GEMV_CHUNKED_MAX_BATCH else "dequantize_matmul"
 
 
 @functools.lru_cache(maxsize=None)
@@ -178,15 +183,25 @@ def linear_4bit_prepared(x: torch.Tensor, args: KernelArgs, bias: Optional[torch
             torch.addmm(bias, x2, weight.t(), out=y2)
         return y
     x2 = x2.contiguous()
-    bias = None if bias is None else dlpack_of(bias.contiguous())
+    bias = None if bias is None else bias.contiguous()
     if kernel == "gemm":
         if x2.data_ptr() % 16:
             x2 = x2.clone()
         workspace = torch.empty(_C.gemm_4bit_workspace_size(m, out_features), dtype=torch.uint8, device=x.device)
-        _C.gemm_prepared(dlpack_of(x2), args.prepared, bias, dlpack_of(y2), dlpack_of(workspace), stream_of(x))
+        _C.gemm_prepared(dlpack_of(x2), args.prepared, _dlpack_or_none(bias), dlpack_of(y2), dlpack_of(workspace),
+                         stream_of(x))
+    elif m <= GEMV_KERNEL_MAX_BATCH or not x.is_cuda:  # (the CPU kernel takes any batch)
+        _C.linear_prepared(dlpack_of(x2), args.prepared, _dlpack_or_none(bias), dlpack_of(y2), stream_of(x))
     else:
-        _C.linear_prepared(dlpack_of(x2), args.prepared, bias, dlpack_of(y2), stream_of(x))
+        for first in range(0, m, GEMV_KERNEL_MAX_BATCH):  # (a capsule is used up by one call: new ones each)
+            rows = slice(first, first + GEMV_KERNEL_MAX_BATCH)
+            _C.linear_prepared(dlpack_of(x2[rows]), args.prepared, _dlpack_or_none(bias), dlpack_of(y2[rows]),
+                               stream_of(x))
     return y
+
+
+def _dlpack_or_none(tensor: Optional[torch.Tensor]):
+    return None if tensor is None else dlpack_of(tensor)
 
 
 def linear_4bit_grad_input(grad_out: torch.Tensor, args: KernelArgs) -> torch.Tensor:

@@ -172,7 +172,7 @@ def bench_one(out_f, in_f, batch, dtype, quant_type, device, repeats, kernels=Fa
         del bnb, ao
     if kernels and device.type == "cuda":
         for kernel in ops.KERNELS:
-            if kernel == "gemv" and batch > ops.GEMV_KERNEL_MAX_BATCH:
+            if kernel == "gemv" and batch > ops.GEMV_CHUNKED_MAX_BATCH:
                 continue
             if kernel == "gemm" and not ops.gemm_supports(x, ops.KernelArgs.of_state(ours[0].weight,
                                                                                        ours[0].quant_state)):
