@@ -25,7 +25,7 @@ if [ "$what" = sanitize ] || [ "$what" = all ]; then
       racecheck) selection="$kernels or (wgmma_gemm_matches and float16 and (65 or 130 or 300))" ;;  # (time)
       synccheck) selection="$warp_specialized" ;;
     esac
-    case $tool in memcheck) limit=100 ;; racecheck) limit=400 ;; synccheck) limit=60 ;; esac  # (racecheck needed ~330 s on the H100)
+    case $tool in memcheck) limit=100 ;; racecheck) limit=400 ;; synccheck) limit=60 ;; esac  # (racecheck: 85% of its tests in 280 s on the H100)
     timeout $limit compute-sanitizer --tool $tool --print-limit 200 python -m pytest -q -x -p no:cacheprovider \
       tests/test_cuda_kernels.py tests/test_linear.py -k "$selection" > "$OUT/$tool.log" 2>&1
     [ $? = 124 ] && echo "$tool: TIMED OUT after $limit s: incomplete, not clean (see $OUT/$tool.log)"
