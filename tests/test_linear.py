@@ -218,6 +218,26 @@ def test_cpu_amx_and_vector_tiles_agree(monkeypatch, dtype, blocksize, double_qu
         assert ((y.double() - y_vector.double()).norm() / ref.norm()).item() < {torch.bfloat16: 1e-2}.get(dtype, TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpu_amx_writes_nan_as_the_vector_kernel(monkeypatch, dtype):
+    """The AMX kernel rounds its sums to fp16 / bf16 16 at a time (cpu/avx512_store.hpp), the vector
+    kernel one at a time: a NaN in an input row gives that row the same NaN in both (bf16: 0x7fc0,
+    as torch writes it), and the rows around it stay finite and agree."""
+    torch.manual_seed(0)
+    layer = fp4.FP4Linear.from_linear(nn.Linear(512, 37).to(dtype), quant_type="nf4")
+    x = torch.randn(20, 512, dtype=dtype)  # (20 rows: AMX tiles where the CPU has them)
+    x[3, 100] = float("nan")
+    if dtype == torch.bfloat16:
+        x.view(torch.int16)[3, 100] = -64  # (0xffc0, a negative NaN: written as 0x7fc0 all the same)
+    y = layer(x)
+    monkeypatch.setenv("FP4_CPU_ISA", "avx512")
+    y_vector = layer(x)
+    assert torch.isnan(y[3]).all() and torch.isfinite(y[torch.arange(20) != 3]).all()
+    if dtype == torch.bfloat16:
+        assert (y[3].view(torch.int16) == 0x7FC0).all() and torch.equal(y[3].view(torch.int16), y_vector[3].view(torch.int16))
+    torch.testing.assert_close(y[4:], y_vector[4:], rtol=TOL[dtype] * 10, atol=TOL[dtype])
+
+
 def test_cpu_kernels_report_what_runs(monkeypatch):
     """fp4_cpu_kernels names the CPU path: AMX tiles wherever the CPU lists AMX-BF16 (Linux flags),
     and FP4_CPU_ISA lowers it."""

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "cpu/avx512_load.hpp"
+#include "cpu/avx512_store.hpp"
 #include "cpu/isa.hpp"
 #include "cpu/parallel.hpp"
 #include "cpu/scales.hpp"
@@ -136,6 +137,21 @@ __m512i code_indices(const uint8_t* bytes) {
   return _mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(0x5555555555555555ULL, spread, raw), shift);
 }
 
+// y[r][f] = sums[f][r] + bias[f] for input rows r < rows (y's row stride n) and features f <
+// features: a sum tile row holds one feature's sums, so each row of y gathers a column of the tile.
+// (Scalar stores, one value at a time across y's rows, were 0.74 of 3.7 ms at (4096, 4096) bf16
+// batch 128.)
+template <typename T>
+void store_sum_tile(const float* sums, const float* bias, int features, int rows, T* y, int64_t n) {
+  const __m512i column =
+      _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(kTileRows));
+  const __mmask16 live = __mmask16((1u << features) - 1);
+  const __m512 b = _mm512_load_ps(bias);
+  for (int r = 0; r < rows; ++r)
+    avx512_store::store16(y + r * n,
+                          _mm512_add_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, column, sums + r, 4), b), live);
+}
+
 // The tile instructions name their registers in the instruction (GCC's intrinsics paste the
 // literal into the assembly), so these take a register number at run time through a switch.
 #define FP4_TILE_CASE(t, statement) \
@@ -208,6 +224,8 @@ void linear_features(const uint16_t* const (&x_parts)[P], int64_t m, int64_t k, 
     const int features = int(std::min<int64_t>(kTileRows, j_end - j0));
     for (int f = 0; f < features; ++f)
       fill_block_scales(scales, (j0 + f) * blocks_per_row, int(blocks_per_row), &row_scales[f * blocks_per_row]);
+    alignas(64) float bias_values[kTileRows] = {};
+    for (int f = 0; bias && f < features; ++f) bias_values[f] = to_float(bias[j0 + f]);
     if (features < kTileRows)  // (rows past the last feature stay zero)
       std::fill(a_tiles, a_tiles + (passes ? chunks : 1) * P * kTileElements, uint16_t(0));
     for (int64_t t0 = t_begin; t0 < t_end; t0 += kSumTiles) {
@@ -236,11 +254,8 @@ void linear_features(const uint16_t* const (&x_parts)[P], int64_t m, int64_t k, 
       }
       for (int t = 0; t < tiles; ++t) {
         tile_store(P + 1 + t, sums);
-        for (int f = 0; f < features; ++f) {
-          const float b = bias ? to_float(bias[j0 + f]) : 0.0f;
-          for (int r = 0; r < kTileRows && (t0 + t) * kTileRows + r < m; ++r)
-            y[((t0 + t) * kTileRows + r) * n + j0 + f] = from_float<T>(sums[f * kTileRows + r] + b);
-        }
+        const int64_t row0 = (t0 + t) * kTileRows;
+        store_sum_tile(sums, bias_values, features, int(std::min<int64_t>(kTileRows, m - row0)), y + row0 * n + j0, n);
       }
     }
   }
