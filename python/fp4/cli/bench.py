@@ -200,7 +200,7 @@ def run(args) -> int:
     header = f"{'shape':>12} {'batch':>5} {'dtype':>8} {'fmt':>4} {'torch':>8} {'bnb':>8} {'torchao':>8} " \
              f"{'fp4':>8} {'kernel':>8} {'vs torch':>8} {'vs bnb':>7} {'%floor':>6}"
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
-          f"GPU times in microseconds per call\n{header}")
+          f"{'GPU' if device.type == 'cuda' else 'wall'} times in microseconds per call\n{header}")
 
     def fmt(v):
         return "-" if v is None else f"{v:.1f}"
