@@ -101,6 +101,24 @@ def test_dequantize_reads_bitsandbytes_state(device, quant_type):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("blocksize", [32, 64, 4096])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+def test_cpu_dequantize_vector_and_scalar_paths_agree(monkeypatch, dtype, blocksize, nested):
+    """On AVX-512 CPUs a block's table is rounded 16 values at a time and its codes looked up 32 at
+    a time: the same bits as the scalar path (FP4_CPU_ISA=generic) for whole blocks, a last block
+    cut short (odd length too), and fp16 subnormals."""
+    A = _data((5, blocksize * 3 + 17), dtype, "cpu")
+    if dtype == torch.float16:
+        A.view(-1)[:blocksize] *= 1e-4  # (a block of subnormal fp16 values)
+    packed, state = F.quantize_4bit(A, blocksize=blocksize, compress_statistics=nested, quant_type="nf4")
+    vector = F.dequantize_4bit(packed, state)
+    monkeypatch.setenv("FP4_CPU_ISA", "generic")
+    scalar = F.dequantize_4bit(packed, state)
+    assert torch.equal(vector.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       scalar.view(torch.int16 if dtype != torch.float32 else torch.int32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
 def test_cpu_quantize_vector_and_scalar_paths_agree(monkeypatch, dtype, blocksize):
     """Whole blocks quantize 16 values at a time on AVX-512 CPUs (the scalar path's fp32 operations):
     the same bytes and absmax as the scalar path (FP4_CPU_ISA=generic) for whole and partial blocks,
