@@ -2,8 +2,10 @@
 //
 // Each thread takes a range of output features; each block's 16 code values are scaled once and
 // weights decoded a vector at a time (AVX2: 8 lanes, two permutes and a blend on the code's top bit;
-// AVX-512: 16 lanes, one permute over all 16 codes). Three kernels, chosen per call:
+// AVX-512: 16 lanes, one permute over all 16 codes). Four kernels, chosen per call:
 //  - AMX tiles (linear_amx.cpp) for batches from kAmxMinBatch where the CPU has them;
+//  - on AVX-512 without AMX, from batch outer_min_batch() (k % blocksize == 0): outer products on
+//    32-row weight panels decoded once per block of input rows (linear_outer.cpp);
 //  - vector tiles (linear_simd.inc: tile_dot) when rows start on a block boundary (k % blocksize
 //    == 0): 4 weight rows x 4 input rows (AVX2 2 x 3) per pass, so each activation vector serves
 //    several weight rows and each decoded weight vector several input rows;
@@ -19,6 +21,7 @@
 #include "cpu/isa.hpp"
 #include "cpu/kernels.hpp"
 #include "cpu/linear_amx.hpp"
+#include "cpu/linear_outer.hpp"
 #include "cpu/parallel.hpp"
 #include "cpu/scales.hpp"
 #include "dtypes.hpp"
@@ -241,6 +244,8 @@ void linear_typed(fp4_quant_type type, const T* x, int64_t m, int64_t k, const u
   if (tile_isa == Isa::kAvx512 && m >= kAmxMinBatch<T> && k % 32 == 0 && k % blocksize == 0 && !amx_forced_off() &&
       amx_bf16_usable())
     return linear_amx(x, m, k, packed, scales, n, blocksize, codebook(type), bias, y);
+  if (tile_isa == Isa::kAvx512 && m >= outer_min_batch() && k % blocksize == 0 && __builtin_cpu_supports("avx512vl"))
+    return linear_outer(x, m, k, packed, scales, n, blocksize, codebook(type), bias, y);
   if (tile_isa != Isa::kGeneric && k % blocksize == 0) {
     std::vector<float> storage;
     Problem p{nullptr, nullptr, m, k, n, blocksize, packed, &scales, &codebook(type)};
