@@ -4,8 +4,8 @@
 // weights decoded a vector at a time (AVX2: 8 lanes, two permutes and a blend on the code's top bit;
 // AVX-512: 16 lanes, one permute over all 16 codes). Four kernels, chosen per call:
 //  - AMX tiles (linear_amx.cpp) for batches from kAmxMinBatch where the CPU has them;
-//  - on AVX-512 without AMX, from batch outer_min_batch() (k % blocksize == 0): outer products on
-//    32-row weight panels decoded once per block of input rows (linear_outer.cpp);
+//  - without AMX, from batch outer_min_batch() (k % blocksize == 0): outer products on weight
+//    panels decoded once per block of input rows (linear_outer.cpp);
 //  - vector tiles (linear_simd.inc: tile_dot) when rows start on a block boundary (k % blocksize
 //    == 0): 4 weight rows x 4 input rows (AVX2 2 x 3) per pass, so each activation vector serves
 //    several weight rows and each decoded weight vector several input rows;
@@ -244,8 +244,9 @@ void linear_typed(fp4_quant_type type, const T* x, int64_t m, int64_t k, const u
   if (tile_isa == Isa::kAvx512 && m >= kAmxMinBatch<T> && k % 32 == 0 && k % blocksize == 0 && !amx_forced_off() &&
       amx_bf16_usable())
     return linear_amx(x, m, k, packed, scales, n, blocksize, codebook(type), bias, y);
-  if (tile_isa == Isa::kAvx512 && m >= outer_min_batch() && k % blocksize == 0 && __builtin_cpu_supports("avx512vl"))
-    return linear_outer(x, m, k, packed, scales, n, blocksize, codebook(type), bias, y);
+  if (tile_isa != Isa::kGeneric && m >= outer_min_batch(tile_isa) && k % blocksize == 0 &&
+      (tile_isa == Isa::kAvx2 || __builtin_cpu_supports("avx512vl")))
+    return linear_outer(tile_isa, x, m, k, packed, scales, n, blocksize, codebook(type), bias, y);
   if (tile_isa != Isa::kGeneric && k % blocksize == 0) {
     std::vector<float> storage;
     Problem p{nullptr, nullptr, m, k, n, blocksize, packed, &scales, &codebook(type)};
