@@ -51,39 +51,27 @@ FP4_TARGET_BEGIN("avx512f,avx512bw,avx512vl")
 struct Avx512 {
   static constexpr int kPanelRows = 32, kGroupRows = 12, kLanes = 16;
 
-  // panel[c * 32 + f] = weight (j0 + f, c) for c < k and f < features; rows past `features` zero.
-  // row_scales: room for 16 rows' block scales.
-  static void decode_panel(const uint8_t* packed, const fp4_scales& scales, int64_t k, int64_t blocksize,
-                           const float* code, int64_t j0, int features, float* row_scales, float* panel) {
+  // out[c * 32 + f] = weight (f, c) of the `rows` (<= 16) weight rows at `base` (rows past them
+  // zero), row_scales holding their block scales ([row][block]).
+  static void decode_rows(const uint8_t* base, int64_t k, int64_t blocksize, const float* code, int rows,
+                          const float* row_scales, float* out) {
     const int64_t blocks_per_row = k / blocksize;
     const __m512 codes = _mm512_loadu_ps(code);
     const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    for (int half = 0; half < 2; ++half) {
-      const int rows = std::clamp(features - kLanes * half, 0, kLanes);
-      float* const out = panel + kLanes * half;
-      if (rows == 0) {
-        for (int64_t c = 0; c < k; ++c) _mm512_store_ps(out + c * kPanelRows, _mm512_setzero_ps());
-        continue;
-      }
-      const int64_t row0 = j0 + kLanes * half;
-      for (int f = 0; f < rows; ++f)
-        fill_block_scales(scales, (row0 + f) * blocks_per_row, int(blocks_per_row), row_scales + f * blocks_per_row);
-      const __mmask16 live = __mmask16((1u << rows) - 1);  // (dead lanes gather nothing: zero weights)
-      const __m512i byte_offsets = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int(k / 2)));
-      const __m512i scale_offsets = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int(blocks_per_row)));
-      const uint8_t* const base = packed + row0 * (k / 2);
-      __m512 scale = _mm512_setzero_ps();
-      for (int64_t c = 0; c < k; c += 8) {
-        if (c % blocksize == 0)
-          scale = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live,
-                                           _mm512_add_epi32(scale_offsets, _mm512_set1_epi32(int(c / blocksize))),
-                                           row_scales, 4);
-        const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, byte_offsets, base + c / 2, 1);
-        for (int i = 0; i < 8; ++i) {
-          const __m512i q =
-              _mm512_and_si512(_mm512_srlv_epi32(words, _mm512_set1_epi32(kNibbleShift[i])), _mm512_set1_epi32(15));
-          _mm512_store_ps(out + (c + i) * kPanelRows, _mm512_mul_ps(_mm512_permutexvar_ps(q, codes), scale));
-        }
+    const __mmask16 live = __mmask16((1u << rows) - 1);  // (dead lanes gather nothing: zero weights)
+    const __m512i byte_offsets = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int(k / 2)));
+    const __m512i scale_offsets = _mm512_mullo_epi32(lane, _mm512_set1_epi32(int(blocks_per_row)));
+    __m512 scale = _mm512_setzero_ps();
+    for (int64_t c = 0; c < k; c += 8) {
+      if (c % blocksize == 0)
+        scale = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live,
+                                         _mm512_add_epi32(scale_offsets, _mm512_set1_epi32(int(c / blocksize))),
+                                         row_scales, 4);
+      const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, byte_offsets, base + c / 2, 1);
+      for (int i = 0; i < 8; ++i) {
+        const __m512i q =
+            _mm512_and_si512(_mm512_srlv_epi32(words, _mm512_set1_epi32(kNibbleShift[i])), _mm512_set1_epi32(15));
+        _mm512_store_ps(out + (c + i) * kPanelRows, _mm512_mul_ps(_mm512_permutexvar_ps(q, codes), scale));
       }
     }
   }
@@ -120,43 +108,31 @@ FP4_TARGET_BEGIN("avx2,fma")
 struct Avx2 {
   static constexpr int kPanelRows = 16, kGroupRows = 6, kLanes = 8;
 
-  // As Avx512::decode_panel, 16 rows in two halves of 8; the 16 codes looked up as two halves of 8
-  // and a blend on the code's top bit.
-  static void decode_panel(const uint8_t* packed, const fp4_scales& scales, int64_t k, int64_t blocksize,
-                           const float* code, int64_t j0, int features, float* row_scales, float* panel) {
+  // As Avx512::decode_rows for up to 8 rows; the 16 codes looked up as two halves of 8 and a blend
+  // on the code's top bit.
+  static void decode_rows(const uint8_t* base, int64_t k, int64_t blocksize, const float* code, int rows,
+                          const float* row_scales, float* out) {
     const int64_t blocks_per_row = k / blocksize;
     const __m256 codes_low = _mm256_loadu_ps(code), codes_high = _mm256_loadu_ps(code + 8);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for (int half = 0; half < 2; ++half) {
-      const int rows = std::clamp(features - kLanes * half, 0, kLanes);
-      float* const out = panel + kLanes * half;
-      if (rows == 0) {
-        for (int64_t c = 0; c < k; ++c) _mm256_store_ps(out + c * kPanelRows, _mm256_setzero_ps());
-        continue;
-      }
-      const int64_t row0 = j0 + kLanes * half;
-      for (int f = 0; f < rows; ++f)
-        fill_block_scales(scales, (row0 + f) * blocks_per_row, int(blocks_per_row), row_scales + f * blocks_per_row);
-      const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), lane);  // (dead lanes gather nothing)
-      const __m256i byte_offsets = _mm256_mullo_epi32(lane, _mm256_set1_epi32(int(k / 2)));
-      const __m256i scale_offsets = _mm256_mullo_epi32(lane, _mm256_set1_epi32(int(blocks_per_row)));
-      const uint8_t* const base = packed + row0 * (k / 2);
-      __m256 scale = _mm256_setzero_ps();
-      for (int64_t c = 0; c < k; c += 8) {
-        if (c % blocksize == 0)
-          scale = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), row_scales,
-                                           _mm256_add_epi32(scale_offsets, _mm256_set1_epi32(int(c / blocksize))),
-                                           _mm256_castsi256_ps(live), 4);
-        const __m256i words = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), reinterpret_cast<const int*>(base + c / 2),
-                                                          byte_offsets, live, 1);
-        for (int i = 0; i < 8; ++i) {
-          const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(words, _mm256_set1_epi32(kNibbleShift[i])),
-                                             _mm256_set1_epi32(15));
-          const __m256 weight = _mm256_blendv_ps(_mm256_permutevar8x32_ps(codes_low, q),
-                                                 _mm256_permutevar8x32_ps(codes_high, q),
-                                                 _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
-          _mm256_store_ps(out + (c + i) * kPanelRows, _mm256_mul_ps(weight, scale));
-        }
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), lane);  // (dead lanes gather nothing)
+    const __m256i byte_offsets = _mm256_mullo_epi32(lane, _mm256_set1_epi32(int(k / 2)));
+    const __m256i scale_offsets = _mm256_mullo_epi32(lane, _mm256_set1_epi32(int(blocks_per_row)));
+    __m256 scale = _mm256_setzero_ps();
+    for (int64_t c = 0; c < k; c += 8) {
+      if (c % blocksize == 0)
+        scale = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), row_scales,
+                                         _mm256_add_epi32(scale_offsets, _mm256_set1_epi32(int(c / blocksize))),
+                                         _mm256_castsi256_ps(live), 4);
+      const __m256i words = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), reinterpret_cast<const int*>(base + c / 2),
+                                                        byte_offsets, live, 1);
+      for (int i = 0; i < 8; ++i) {
+        const __m256i q =
+            _mm256_and_si256(_mm256_srlv_epi32(words, _mm256_set1_epi32(kNibbleShift[i])), _mm256_set1_epi32(15));
+        const __m256 weight = _mm256_blendv_ps(_mm256_permutevar8x32_ps(codes_low, q),
+                                               _mm256_permutevar8x32_ps(codes_high, q),
+                                               _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+        _mm256_store_ps(out + (c + i) * kPanelRows, _mm256_mul_ps(weight, scale));
       }
     }
   }
@@ -186,6 +162,27 @@ struct Avx2 {
 };
 FP4_TARGET_END
 
+// panel[c * P + f] = weight (j0 + f, c) for c < k and f < features (rows past them zero), a vector
+// of rows at a time. row_scales: room for a vector of rows' block scales.
+template <typename Kernel>
+void decode_panel(const uint8_t* packed, const fp4_scales& scales, int64_t k, int64_t blocksize, const float* code,
+                  int64_t j0, int features, float* row_scales, float* panel) {
+  constexpr int L = Kernel::kLanes, P = Kernel::kPanelRows;
+  const int64_t blocks_per_row = k / blocksize;
+  for (int part = 0; part < P / L; ++part) {
+    const int rows = std::clamp(features - L * part, 0, L);
+    float* const out = panel + L * part;
+    if (rows == 0) {
+      for (int64_t c = 0; c < k; ++c) std::fill_n(out + c * P, L, 0.0f);
+      continue;
+    }
+    const int64_t row0 = j0 + L * part;
+    for (int f = 0; f < rows; ++f)
+      fill_block_scales(scales, (row0 + f) * blocks_per_row, int(blocks_per_row), row_scales + f * blocks_per_row);
+    Kernel::decode_rows(packed + row0 * (k / 2), k, blocksize, code, rows, row_scales, out);
+  }
+}
+
 template <typename Kernel, typename T>
 void run(const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize,
          const Codebook& code, const T* bias, T* y) {
@@ -206,7 +203,7 @@ void run(const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scal
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t j0 = p * P;
         const int features = int(std::min<int64_t>(P, n - j0));
-        Kernel::decode_panel(packed, scales, k, blocksize, code.data(), j0, features, row_scales.data(), panel);
+        decode_panel<Kernel>(packed, scales, k, blocksize, code.data(), j0, features, row_scales.data(), panel);
         for (int f = 0; f < 32; ++f) bias32[f] = bias && f < features ? to_float(bias[j0 + f]) : 0.0f;
         for (int64_t g = g0; g < g1; ++g)
           Kernel::multiply_group(groups + g * k * R, k, panel, bias32, g * R, int(std::min<int64_t>(R, m - g * R)), j0,
