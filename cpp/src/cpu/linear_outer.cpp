@@ -195,7 +195,7 @@ void run(const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scal
   std::vector<float> group_storage(size_t(group_count * k * R) + 16);
   float* const groups = group_storage.data() + (16 - reinterpret_cast<uintptr_t>(group_storage.data()) / 4 % 16) % 16;
   pack_groups<R>(x, m, k, groups);
-  // Groups per block of input rows: a block's activations and a panel (k x P floats) share the L2.
+  // Groups per block of input rows (see kXBlockBytes); a task's panels are decoded once per block.
   const int64_t block_groups = std::max<int64_t>(1, kXBlockBytes / (k * R * int64_t(sizeof(float))));
   const int64_t blocks_per_row = k / blocksize;
   parallel_for((n + P - 1) / P, 1, [&](int64_t p0, int64_t p1) {
