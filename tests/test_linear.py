@@ -238,19 +238,20 @@ def test_cpu_amx_writes_nan_as_the_vector_kernel(monkeypatch, dtype):
     torch.testing.assert_close(y[4:], y_vector[4:], rtol=TOL[dtype] * 10, atol=TOL[dtype])
 
 
-@pytest.mark.parametrize("isa,tile_rows", [("avx512", 23), ("avx2", 11)])
+@pytest.mark.parametrize("isa,tile_rows", [("avx512", 15), ("avx2", 11)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("blocksize,double_quant,in_features", [(64, False, 8192), (32, True, 1024), (4096, True, 4096)])
 def test_cpu_outer_product_kernel_without_amx(monkeypatch, isa, tile_rows, dtype, blocksize, double_quant,
                                               in_features):
-    """Without AMX (FP4_CPU_ISA), batches from 24 (AVX2: 12): weight panels of 32 (16) rows decoded
-    once per block of input rows, 12 (6) input rows per pass (cpu/linear_outer.cpp). 37 features (a
-    panel cut short), 32 / 50 / 100 rows (a pass cut short; with 8192 columns several blocks of rows),
-    bias. Against fp64, and against the vector tile kernel on the first rows alone (a batch below)."""
+    """Without AMX (FP4_CPU_ISA), batches from 16 (AVX2: 12): weight panels of 48 (16) rows decoded
+    once per block of input rows, 8 (6) input rows per pass (cpu/linear_outer.cpp). 101 features (a
+    panel cut short after whole ones), 32 / 50 / 100 rows (a pass cut short; with 8192 columns
+    several blocks of rows), bias. Against fp64, and against the vector tile kernel on the first
+    rows alone (a batch below)."""
     if isa not in fp4._C.cpu_kernels() and not (isa == "avx2" and "avx512" in fp4._C.cpu_kernels()):
         pytest.skip(f"needs {isa}")
     torch.manual_seed(0)
-    layer = fp4.FP4Linear.from_linear(nn.Linear(in_features, 37).to(dtype), quant_type="nf4", blocksize=blocksize,
+    layer = fp4.FP4Linear.from_linear(nn.Linear(in_features, 101).to(dtype), quant_type="nf4", blocksize=blocksize,
                                       double_quant=double_quant)
     monkeypatch.setenv("FP4_CPU_ISA", isa)
     for batch in (32, 50, 100):

@@ -3,11 +3,13 @@
 //
 // The vector tile kernel (linear.cpp) decodes each weight vector again for every 4 input rows and
 // finishes each output with a horizontal sum; past a few dozen rows it trailed torch's dense fp32
-// GEMM 1.5-2x. Here 32 weight rows (AVX2: 16) are decoded once per block of input rows into a
-// column-major panel (panel[c] = the panel's weights of column c), and 12 input rows (AVX2: 6) at a
-// time multiply it as outer products: per column, two panel vectors and the rows' broadcast
+// GEMM 1.5-2x. Here 48 weight rows (AVX2: 16) are decoded once per block of input rows into a
+// column-major panel (panel[c] = the panel's weights of column c), and 8 input rows (AVX2: 6) at a
+// time multiply it as outer products: per column, three (two) panel vectors and the rows' broadcast
 // activations feed 24 (12) FMAs into as many accumulators, which hold y's outputs as they are
-// stored.
+// stored. (AVX-512, (4096, 4096) fp32, ms, 32 x 12 / 64 x 6 / 48 x 8 rows: batch 64 9.1-9.5 /
+// 8.8-9.2 / 8.2, 256 32.1-32.5 / 33.1-34.3 / 31.5-32.4; batch 16 on 48 x 8 2.7 vs the tile kernel's
+// 3.4.)
 //
 // The panel needs no transpose: one gather takes, for a vector of weight rows, the 4 bytes (8
 // columns) at a column, and each column is then a shift, a mask, a lookup of the 16 unscaled codes
@@ -53,9 +55,9 @@ void pack_groups(const T* x, int64_t m, int64_t k, float* groups) {
 
 FP4_TARGET_BEGIN("avx512f,avx512bw,avx512vl")
 struct Avx512 {
-  static constexpr int kPanelRows = 32, kGroupRows = 12, kLanes = 16;
+  static constexpr int kPanelRows = 48, kGroupRows = 8, kLanes = 16;  // (24 accumulators)
 
-  // out[c * 32 + f] = weight (f, c) of the `rows` (<= 16) weight rows at `base` (rows past them
+  // out[c * kPanelRows + f] = weight (f, c) of the `rows` (<= 16) weight rows at `base` (rows past them
   // zero), row_scales holding their block scales ([row][block]).
   static void decode_rows(const uint8_t* base, int64_t k, int64_t blocksize, const float* code, int rows,
                           const float* row_scales, float* out) {
@@ -85,24 +87,26 @@ struct Avx512 {
   template <typename T>
   static void multiply_group(const float* group, int64_t k, const float* panel, const float* bias32, int64_t row0,
                              int rows, int64_t j0, int features, T* y, int64_t n) {
-    __m512 acc[kGroupRows][2];
-    for (int r = 0; r < kGroupRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    constexpr int V = kPanelRows / 16;
+    __m512 acc[kGroupRows][V];
+    for (int r = 0; r < kGroupRows; ++r)
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
     for (int64_t c = 0; c < k; ++c) {
-      const __m512 low = _mm512_load_ps(panel + c * kPanelRows), high = _mm512_load_ps(panel + c * kPanelRows + 16);
+      __m512 w[V];
+      for (int v = 0; v < V; ++v) w[v] = _mm512_load_ps(panel + c * kPanelRows + 16 * v);
       const float* column = group + c * kGroupRows;
       for (int r = 0; r < kGroupRows; ++r) {
         const __m512 xv = _mm512_set1_ps(column[r]);
-        acc[r][0] = _mm512_fmadd_ps(xv, low, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(xv, high, acc[r][1]);
+        for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xv, w[v], acc[r][v]);
       }
     }
-    const __mmask16 live_low = __mmask16((1u << std::min(features, 16)) - 1);
-    const __mmask16 live_high = __mmask16((1u << std::max(features - 16, 0)) - 1);
-    const __m512 bias_low = _mm512_load_ps(bias32), bias_high = _mm512_load_ps(bias32 + 16);
-    for (int r = 0; r < rows; ++r) {
-      T* out = y + (row0 + r) * n + j0;
-      avx512_store::store16(out, _mm512_add_ps(acc[r][0], bias_low), live_low);
-      if (live_high) avx512_store::store16(out + 16, _mm512_add_ps(acc[r][1], bias_high), live_high);
+    for (int v = 0; v < V; ++v) {
+      const int live_features = std::clamp(features - 16 * v, 0, 16);
+      if (live_features == 0) break;
+      const __mmask16 live = __mmask16((1u << live_features) - 1);
+      const __m512 b = _mm512_load_ps(bias32 + 16 * v);
+      for (int r = 0; r < rows; ++r)
+        avx512_store::store16(y + (row0 + r) * n + j0 + 16 * v, _mm512_add_ps(acc[r][v], b), live);
     }
   }
 };
@@ -201,14 +205,14 @@ void run(const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scal
   parallel_for((n + P - 1) / P, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> panel_storage(size_t(k * P) + 16), row_scales(size_t(Kernel::kLanes * blocks_per_row));
     float* const panel = panel_storage.data() + (16 - reinterpret_cast<uintptr_t>(panel_storage.data()) / 4 % 16) % 16;
-    alignas(64) float bias32[32];
+    alignas(64) float bias32[64];
     for (int64_t g0 = 0; g0 < group_count; g0 += block_groups) {
       const int64_t g1 = std::min(group_count, g0 + block_groups);
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t j0 = p * P;
         const int features = int(std::min<int64_t>(P, n - j0));
         decode_panel<Kernel>(packed, scales, k, blocksize, code.data(), j0, features, row_scales.data(), panel);
-        for (int f = 0; f < 32; ++f) bias32[f] = bias && f < features ? to_float(bias[j0 + f]) : 0.0f;
+        for (int f = 0; f < P; ++f) bias32[f] = bias && f < features ? to_float(bias[j0 + f]) : 0.0f;
         for (int64_t g = g0; g < g1; ++g)
           Kernel::multiply_group(groups + g * k * R, k, panel, bias32, g * R, int(std::min<int64_t>(R, m - g * R)), j0,
                                  features, y, n);
@@ -219,8 +223,9 @@ void run(const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scal
 
 }  // namespace
 
-// Two whole passes. (4096, 4096) fp32, ms, vector tiles / outer: AVX-512 16 3.29 / 3.37, 24 4.67 /
-// 3.44; AVX2 8 4.08 / 4.54, 12 5.59 / 4.36, 16 8.06 / 5.77.
+// Two whole passes. (4096, 4096) fp32, ms, vector tiles / outer: AVX-512 (12-row passes then) 16
+// 3.29 / 3.37, 24 4.67 / 3.44, (8-row passes) 16 3.34-3.46 / 2.66-2.75; AVX2 8 4.08 / 4.54, 12 5.59
+// / 4.36, 16 8.06 / 5.77.
 int64_t outer_min_batch(Isa isa) {
   return 2 * (isa == Isa::kAvx512 ? Avx512::kGroupRows : Avx2::kGroupRows);
 }
