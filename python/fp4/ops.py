@@ -193,10 +193,10 @@ def linear_4bit_prepared(x: torch.Tensor, args: KernelArgs, bias: Optional[torch
     elif m <= GEMV_KERNEL_MAX_BATCH or not x.is_cuda:  # (the CPU kernel takes any batch)
         _C.linear_prepared(dlpack_of(x2), args.prepared, _dlpack_or_none(bias), dlpack_of(y2), stream_of(x))
     else:
+        stream = stream_of(x)
         for first in range(0, m, GEMV_KERNEL_MAX_BATCH):  # (a capsule is used up by one call: new ones each)
             rows = slice(first, first + GEMV_KERNEL_MAX_BATCH)
-            _C.linear_prepared(dlpack_of(x2[rows]), args.prepared, _dlpack_or_none(bias), dlpack_of(y2[rows]),
-                               stream_of(x))
+            _C.linear_prepared(dlpack_of(x2[rows]), args.prepared, _dlpack_or_none(bias), dlpack_of(y2[rows]), stream)
     return y
 
 

@@ -88,9 +88,8 @@ FP4_API int fp4_cuda_device_count(void);
 FP4_API fp4_status fp4_set_num_threads(int num_threads);
 FP4_API int fp4_get_num_threads(void);
 /* The CPU linear kernels this machine runs: "avx512 amx-bf16" (batches >= 4 in bf16, >= 8 in fp16,
- * >= 16 in fp32 on AMX tiles),
- * "avx512", "avx2" or "generic"; the environment variable FP4_CPU_ISA=avx512 / avx2 / generic lowers
- * them (for testing). */
+ * >= 16 in fp32 on AMX tiles), "avx512", "avx2" or "generic"; the environment variable
+ * FP4_CPU_ISA=avx512 / avx2 / generic lowers them (for testing). */
 FP4_API const char* fp4_cpu_kernels(void);
 
 /* ---- 4-bit blockwise quantization (bitsandbytes layout, bit-exact) -------------------------- */

@@ -2,7 +2,6 @@
 // output dtype (round to nearest even) -- the arithmetic of bitsandbytes on CPU and CUDA alike. Each
 // block's 16 values are rounded once into a table; AVX-512 then looks up 32 codes per instruction.
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 
 #include "cpu/avx512_store.hpp"
@@ -29,9 +28,13 @@ void fill_table(const float* code, float scale, T (&table)[16]) {
 // words looked up in the table's 16 entries.
 template <typename T>
 void lookup_block(const uint8_t* in, int64_t count, const T (&table)[16], T* dst) {
-  const __m512 table_ps = std::is_same_v<T, float> ? _mm512_loadu_ps(table) : _mm512_setzero_ps();
+  // (the 16 entries in one register: fp32 as floats, fp16 / bf16 as words in its low half)
+  __m512 table_ps = _mm512_setzero_ps();
   __m512i table_16 = _mm512_setzero_si512();
-  if constexpr (!std::is_same_v<T, float>) table_16 = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(table)));
+  if constexpr (std::is_same_v<T, float>)
+    table_ps = _mm512_loadu_ps(table);
+  else
+    table_16 = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(table)));
   for (int64_t i = 0; i < count; i += 32) {
     const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i / 2)));
     const __m512i index = _mm512_or_si512(_mm512_srli_epi32(bytes, 4),

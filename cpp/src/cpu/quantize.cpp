@@ -13,7 +13,6 @@
 #include <cmath>
 #include <vector>
 
-
 #include "cpu/avx512_load.hpp"
 #include "cpu/isa.hpp"
 #include "cpu/kernels.hpp"
