@@ -1,13 +1,15 @@
 // The 4-bit linear layer on CUDA for small batches (GEMV): y[m, n] = x[m, k] W^T + b, m <= 8.
 //
-// One warp owns one output feature and streams its weight row; each code is looked up in a 16-entry
-// shared-memory table (16 floats in 16 distinct banks, so lanes never conflict), code * x is
-// accumulated per group of 8 and the block's scale applied once per group. fp32 throughout; a warp
+// One warp owns one output feature (fp32 activations at batch <= 2: two) and streams its weight
+// row; each code is looked up in a 16-entry shared-memory table (16 floats in 16 distinct banks, so
+// lanes never conflict), code * x is accumulated per group of 8 and the block's scale applied once
+// per group. fp32 throughout; a warp
 // shuffle reduces the lanes. Rows whose length is not a multiple of 8 take a simple kernel.
 #include "common.cuh"
 #include "kernels.hpp"
 #include "launch.cuh"
 
+#include <cstdlib>
 #include <type_traits>
 
 namespace fp4::cuda {
@@ -53,14 +55,15 @@ __device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, flo
   }
 }
 
-template <typename T, int M>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+// (Two rows ask for 4 resident blocks per SM, as one row gets at 59-64 registers: 74 would give 3.)
+template <typename T, int M, int R>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, R == 1 ? 1 : 4)
     gemv_kernel(const T* __restrict__ x, int64_t k, const uint8_t* __restrict__ packed, fp4_scales scales,
                 int64_t n, int blocksize_log2, Code16 code, const T* __restrict__ bias, T* __restrict__ y) {
   __shared__ float table[16];
   allow_successor();
   const int lane = threadIdx.x % 32;
-  const int64_t j = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  const int64_t j = (int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32) * R;  // the warp's first row
   if (threadIdx.x < 16) {  // (a static index per candidate: indexing the parameter would copy it to the stack)
     float v = code.v[0];
 #pragma unroll
@@ -74,62 +77,82 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   // neighbouring groups: a warp's weight load is 128 contiguous bytes and its activation load 256
   // or 512 contiguous bytes, so the L1 serves each in the fewest wavefronts. (Giving a lane 32
   // consecutive codes instead made the activation loads strided; ncu showed L1 at 95% and the
-  // kernel at 44% of the DRAM floor.)
+  // kernel at 44% of the DRAM floor.) With R > 1 the warp sums R rows against one load and
+  // conversion of the activations (a row past n repeats the last row; its sums are not stored).
   const int64_t groups = k / 8;
-  const uint32_t* row = reinterpret_cast<const uint32_t*>(packed + j * k / 2);
-  float acc[M];
+  const uint32_t* rows[R];
+  int64_t first_code[R];
 #pragma unroll
-  for (int r = 0; r < M; ++r) acc[r] = 0.0f;
-  auto consume = [&](uint32_t word, float scale, int64_t g) {
-    float part[M];
+  for (int q = 0; q < R; ++q) {
+    first_code[q] = (j + q < n ? j + q : n - 1) * k;
+    rows[q] = reinterpret_cast<const uint32_t*>(packed + first_code[q] / 2);
+  }
+  float acc[R][M];
 #pragma unroll
-    for (int r = 0; r < M; ++r) part[r] = 0.0f;
+  for (int q = 0; q < R; ++q)
+#pragma unroll
+    for (int r = 0; r < M; ++r) acc[q][r] = 0.0f;
+  auto consume = [&](const uint32_t (&word)[R], const float (&scale)[R], int64_t g) {
     float xv[M][8];
 #pragma unroll
     for (int r = 0; r < M; ++r) load8(x + r * k + g * 8, xv[r]);
 #pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      const uint32_t byte = (word >> (8 * t)) & 0xffu;
-      const float w_even = table[byte >> 4], w_odd = table[byte & 15u];
+    for (int q = 0; q < R; ++q) {
+      float part[M];
 #pragma unroll
-      for (int r = 0; r < M; ++r) part[r] = fmaf(w_odd, xv[r][2 * t + 1], fmaf(w_even, xv[r][2 * t], part[r]));
+      for (int r = 0; r < M; ++r) part[r] = 0.0f;
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const uint32_t byte = (word[q] >> (8 * t)) & 0xffu;
+        const float w_even = table[byte >> 4], w_odd = table[byte & 15u];
+#pragma unroll
+        for (int r = 0; r < M; ++r) part[r] = fmaf(w_odd, xv[r][2 * t + 1], fmaf(w_even, xv[r][2 * t], part[r]));
+      }
+#pragma unroll
+      for (int r = 0; r < M; ++r) acc[q][r] = fmaf(scale[q], part[r], acc[q][r]);
     }
-#pragma unroll
-    for (int r = 0; r < M; ++r) acc[r] = fmaf(scale, part[r], acc[r]);
   };
   // A group of 8 codes never straddles two absmax blocks (blocks hold >= 32 codes, rows start on
   // an 8-code boundary).
-  auto scale_of = [&](int64_t g) { return block_scale(scales, (j * k + g * 8) >> blocksize_log2); };
+  auto scale_of = [&](int q, int64_t g) { return block_scale(scales, (first_code[q] + g * 8) >> blocksize_log2); };
   // kLoadsInFlight weight loads are issued before any is used, to keep DRAM requests outstanding;
   // at batch 1 a row of up to 512 words (k <= 4096) is requested whole: one round trip per warp
   // (measured (14336, 4096) 23.9 -> 21.5 us; longer rows lost 5% with 16 loads in flight).
   auto run = [&](auto loads, int64_t base) {
     constexpr int U = decltype(loads)::value;
-    uint32_t w[U];
-    float scale[U];
+    uint32_t w[U][R];
+    float scale[U][R];
 #pragma unroll
-    for (int u = 0; u < U; ++u) w[u] = load_stream(row + base + 32 * u);
+    for (int u = 0; u < U; ++u)
 #pragma unroll
-    for (int u = 0; u < U; ++u) scale[u] = scale_of(base + 32 * u);
+      for (int q = 0; q < R; ++q) w[u][q] = load_stream(rows[q] + base + 32 * u);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int q = 0; q < R; ++q) scale[u][q] = scale_of(q, base + 32 * u);
 #pragma unroll
     for (int u = 0; u < U; ++u) consume(w[u], scale[u], base + 32 * u);
   };
+  constexpr int kLoads = kLoadsInFlight / R;  // per row: the same bytes in flight per warp for every R
   int64_t base = lane;
-  if (M == 1 && groups == 32 * 2 * kLoadsInFlight) {
-    run(std::integral_constant<int, 2 * kLoadsInFlight>(), base);
+  if (M == 1 && groups == 32 * 2 * kLoads) {
+    run(std::integral_constant<int, 2 * kLoads>(), base);
     base += groups;
   }
-  for (; base + 32 * (kLoadsInFlight - 1) < groups; base += 32 * kLoadsInFlight)
-    run(std::integral_constant<int, kLoadsInFlight>(), base);
-  for (; base + 32 * 3 < groups; base += 32 * 4) run(std::integral_constant<int, 4>(), base);
-  for (; base < groups; base += 32) consume(load_stream(row + base), scale_of(base), base);
+  for (; base + 32 * (kLoads - 1) < groups; base += 32 * kLoads) run(std::integral_constant<int, kLoads>(), base);
+  if constexpr (kLoads > 4)
+    for (; base + 32 * 3 < groups; base += 32 * 4) run(std::integral_constant<int, 4>(), base);
+  for (; base < groups; base += 32) run(std::integral_constant<int, 1>(), base);
 #pragma unroll
-  for (int r = 0; r < M; ++r)
-    for (int offset = 16; offset > 0; offset >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], offset);
-  if (lane == 0) {
-    const float b = bias ? load_as_float(bias + j) : 0.0f;
+  for (int q = 0; q < R; ++q) {
 #pragma unroll
-    for (int r = 0; r < M; ++r) y[r * n + j] = store_from_float<T>(acc[r] + b);
+    for (int r = 0; r < M; ++r)
+      for (int offset = 16; offset > 0; offset >>= 1) acc[q][r] += __shfl_xor_sync(0xffffffffu, acc[q][r], offset);
+    if (lane == 0 && j + q < n) {
+      const float b = bias ? load_as_float(bias + j + q) : 0.0f;
+#pragma unroll
+      for (int r = 0; r < M; ++r) y[r * n + j + q] = store_from_float<T>(acc[q][r] + b);
+    }
   }
 }
 
@@ -151,12 +174,27 @@ __global__ void linear_generic_kernel(const T* __restrict__ x, int64_t m, int64_
   }
 }
 
+// fp32 activations at batch 1-2 take two rows per warp: their loads through L1 (1 KB per warp and 8
+// weights) bounded the one-row kernel (ncu: 6.1M L1 wavefronts against 3.4M at bf16 on (14336,
+// 4096)). H100 fp32 nf4 batch 1, us, one / two rows: (14336, 4096) 40.8 / 22.5, (4096, 4096) 12.6 /
+// 11.0. fp16 and bf16 stay at one row: two were slower on three of four shapes ((14336, 4096) 25.6 /
+// 29.9, (4096, 14336) 23.0 / 25.2, (4096, 4096) 8.5 / 9.2; (11008, 4096) 18.9 / 17.5).
+// FP4_CUDA_GEMV_ROWS=1 / 2 forces the rows per warp at batch <= 2, any dtype (for measuring both ways).
 template <typename T, int M>
 void launch_gemv(const fp4_exec& exec, const T* x, int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n,
                  int log2, const Code16& code, const T* bias, T* y) {
-  const unsigned grid = unsigned((n + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  launch_dependent(exec.device_index, gemv_kernel<T, M>, grid, kWarpsPerBlock * 32, 0, stream_of(exec),
-                   "linear_4bit kernel", x, k, packed, scales, n, log2, code, bias, y);
+  int rows = std::is_same_v<T, float> && M <= 2 ? 2 : 1;
+  if (const char* forced = std::getenv("FP4_CUDA_GEMV_ROWS"); forced && M <= 2 && (*forced == '1' || *forced == '2'))
+    rows = *forced - '0';
+  const auto launch = [&](auto kernel) {
+    const unsigned grid = unsigned((n + rows * kWarpsPerBlock - 1) / (rows * kWarpsPerBlock));
+    launch_dependent(exec.device_index, kernel, grid, kWarpsPerBlock * 32, 0, stream_of(exec), "linear_4bit kernel", x,
+                     k, packed, scales, n, log2, code, bias, y);
+  };
+  if constexpr (M <= 2) {
+    if (rows == 2) return launch(gemv_kernel<T, M, 2>);
+  }
+  launch(gemv_kernel<T, M, 1>);
 }
 
 }  // namespace

@@ -333,6 +333,45 @@ def test_gemm_rejects_what_it_cannot_serve():
     assert torch.isfinite(layer(x.float())).all()
 
 
+@pytest.mark.parametrize("out_features,in_features,quant_type,double_quant,blocksize", [
+    (1003, 2048, "nf4", False, 64),    # a whole row per round trip; the last warp's second row past n
+    (517, 4096, "fp4", True, 128),     # several round trips per row, nested statistics
+    (300, 6144, "nf4", False, 4096),
+    (777, 1000, "nf4", True, 64),      # blocks straddle rows; a tail of single loads
+], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gemv_two_rows_per_warp(monkeypatch, out_features, in_features, quant_type, double_quant, blocksize, batch,
+                                dtype):
+    """The GEMV with two weight rows per warp against one load of the activations (fp32's default at
+    batch <= 2; bf16 forced by FP4_CUDA_GEMV_ROWS=2). Every row lands (y poisoned first), none past n
+    is written (memcheck)."""
+    monkeypatch.setenv("FP4_CUDA_GEMV_ROWS", "2")
+    layer = _layer(out_features, in_features, dtype, quant_type, double_quant, blocksize)
+    x = torch.randn(batch, in_features, device="cuda", dtype=dtype)
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    _check(layer, x, "gemv")
+    reference = x.double() @ layer.dequantize().to(dtype).double().t() + layer.bias.double()
+    y = ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemv").double()
+    assert ((y - reference).norm() / reference.norm()).item() < (1e-5 if dtype == torch.float32 else 4e-3)
+
+
+def test_gemv_rows_per_warp_by_dtype_batch_and_switch(monkeypatch):
+    """fp32 at batch 1 and 2 takes two rows per warp, batch 3 and the half-precision dtypes one;
+    FP4_CUDA_GEMV_ROWS overrides it at batch <= 2 (so the test above runs what it names). (The
+    profiler is apart: it cannot run under compute-sanitizer.)"""
+    for dtype, batch, setting, rows in ((torch.float32, 1, "", 2), (torch.float32, 2, "", 2), (torch.float32, 3, "", 1),
+                                        (torch.bfloat16, 1, "", 1), (torch.float16, 2, "", 1),
+                                        (torch.float32, 1, "1", 1), (torch.bfloat16, 2, "2", 2),
+                                        (torch.bfloat16, 3, "2", 1)):
+        monkeypatch.setenv("FP4_CUDA_GEMV_ROWS", setting)
+        layer = _layer(96, 512, dtype)
+        args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+        x = torch.randn(batch, 512, device="cuda", dtype=dtype)
+        names = _cuda_kernel_names(lambda: ops.linear_4bit_prepared(x, args, kernel="gemv"))
+        assert "gemv_kernel<" in names and f", {batch}, {rows}>" in names, (dtype, batch, setting, names)
+
+
 @pytest.mark.parametrize("batch", [9, 13, 16])
 def test_float32_gemv_past_one_launch(batch):
     """fp32 activations have no GEMM: batches past one GEMV launch run it once per
