@@ -2,6 +2,7 @@
 # The GPU acceptance run: test suite, compute-sanitizer on the CUDA kernel tests, benchmarks (JSON
 # for docs/), and the main job. Each part fits the device tool's 10-minute limit on its own (all
 # together do not): source .device/setup.sh && bash tools/gpu_validate.sh [tests|sanitize|bench|all]
+# TOOLS="memcheck synccheck" (or racecheck) runs only those sanitizers: racecheck alone takes ~300 s.
 set -o pipefail
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 what=${1:-all}
@@ -16,16 +17,16 @@ if [ "$what" = sanitize ] || [ "$what" = all ]; then
   kernels="gemm_large or random_shapes or stream_ranges or unaligned_absmax or \
     (gemm_matches and (3 or 9 or 17 or 65) and float16) or (wgmma and float16 and (17 or 40)) or \
     wgmma_nested or (cuda and forward and float16) or \
-    (fed_stream_matches and float16) or whole_tiles or chained_layers"
+    (fed_stream_matches and float16) or whole_tiles or chained_layers or two_rows_per_warp"
   warp_specialized="(wgmma_gemm_matches and float16 and (65 or 128 or 130 or 257 or 300)) or identical_bits or \
     fed_stream_matches"
-  for tool in memcheck racecheck synccheck; do
+  for tool in ${TOOLS:-memcheck racecheck synccheck}; do
     case $tool in
       memcheck) selection="$kernels or $warp_specialized" ;;
       racecheck) selection="$kernels or (wgmma_gemm_matches and float16 and (65 or 130 or 300))" ;;  # (time)
       synccheck) selection="$warp_specialized" ;;
     esac
-    case $tool in memcheck) limit=100 ;; racecheck) limit=400 ;; synccheck) limit=60 ;; esac  # (racecheck: 85% of its tests in 280 s on the H100)
+    case $tool in memcheck) limit=100 ;; racecheck) limit=400 ;; synccheck) limit=60 ;; esac  # (racecheck: its whole selection in 295 s on the H100)
     timeout $limit compute-sanitizer --tool $tool --print-limit 200 python -m pytest -q -x -p no:cacheprovider \
       tests/test_cuda_kernels.py tests/test_linear.py -k "$selection" > "$OUT/$tool.log" 2>&1
     [ $? = 124 ] && echo "$tool: TIMED OUT after $limit s: incomplete, not clean (see $OUT/$tool.log)"
