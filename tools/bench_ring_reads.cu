@@ -3,10 +3,14 @@
 // stage) order), against plain grid-stride 16-byte loads? Sets what the stream kernel's producer-fed
 // form can reach (docs/perf-log.md). Build and run on the GPU:
 //   nvcc -O3 -arch=sm_90a -std=c++17 -o /tmp/ring_reads tools/bench_ring_reads.cu && /tmp/ring_reads
+// `/tmp/ring_reads sizes` instead times the plain loads on the bytes of smaller and larger layers (4 to
+// 132 MB), one launch at a time and back to back over copies beyond the L2 (as the bench's CUDA
+// graphs run them): what a read of each size costs at least, fixed costs included.
 #include <cstdio>
 #include <cstdint>
 #include <vector>
 #include <algorithm>
+#include <string>
 #include <cuda.h>
 #include <cuda_runtime.h>
 
@@ -94,7 +98,54 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1), 1)
   if (acc == 0x12345678) out[0] = acc;
 }
 
-int main() {
+// Plain 16-byte loads over layers of 4-132 MB (codes + fp32 scales: (4096, 4096) is 9.4 MB, (14336,
+// 4096) 36.7, (28672, 8192) 132.1): median of 30 single launches and of 30 chains of launches, one
+// per copy, the copies spanning >= 600 MB.
+int time_sizes(int sms) {
+  const int64_t total = int64_t(600) << 20;
+  uint8_t* w;
+  uint32_t* out;
+  cudaMalloc(&w, total);
+  cudaMalloc(&out, 4);
+  cudaMemset(w, 1, total);
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  for (const double mb : {4.2, 9.4, 16.8, 36.7, 73.4, 132.1}) {
+    const int64_t bytes = int64_t(mb * 1e6) / 4096 * 4096;
+    const int copies = int(std::min<int64_t>(64, total / bytes));
+    const auto launch = [&](int c) { seq_kernel<8><<<sms * 8, 256>>>(w + c * bytes, bytes, out); };
+    for (int c = 0; c < copies; ++c) launch(c);
+    std::vector<float> single, chained;
+    for (int r = 0; r < 30; ++r) {
+      float ms;
+      cudaEventRecord(a);
+      launch(r % copies);
+      cudaEventRecord(b);
+      cudaEventSynchronize(b);
+      cudaEventElapsedTime(&ms, a, b);
+      single.push_back(ms * 1e3f);
+      cudaEventRecord(a);
+      for (int c = 0; c < copies; ++c) launch(c);
+      cudaEventRecord(b);
+      cudaEventSynchronize(b);
+      cudaEventElapsedTime(&ms, a, b);
+      chained.push_back(ms * 1e3f / copies);
+    }
+    std::sort(single.begin(), single.end());
+    std::sort(chained.begin(), chained.end());
+    const cudaError_t e = cudaGetLastError();
+    printf("%6.1f MB  single %6.2f us (%.2f TB/s)  back to back x%2d %6.2f us (%.2f TB/s) %s\n", bytes / 1e6, single[15],
+           bytes / single[15] / 1e6, copies, chained[15], bytes / chained[15] / 1e6,
+           e == cudaSuccess ? "" : cudaGetErrorString(e));
+  }
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  int sms;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
+  if (argc > 1 && std::string(argv[1]) == "sizes") return time_sizes(sms);
   const int64_t n = 28672, row_bytes = 4096, bytes = n * row_bytes;
   const int copies = 4;
   uint8_t* w;
@@ -102,8 +153,6 @@ int main() {
   cudaMalloc(&w, bytes * copies);
   cudaMalloc(&out, 4);
   cudaMemset(w, 1, bytes * copies);
-  int sms;
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
   cudaEvent_t a, b;
   cudaEventCreate(&a);
   cudaEventCreate(&b);
