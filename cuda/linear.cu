@@ -1,6 +1,6 @@
 // The 4-bit linear layer on CUDA for small batches (GEMV): y[m, n] = x[m, k] W^T + b, m <= 8.
 //
-// One warp owns one output feature (fp32 activations at batch <= 2: two) and streams its weight
+// One warp owns one output feature (with fp32 activations: two) and streams its weight
 // row; each code is looked up in a 16-entry shared-memory table (16 floats in 16 distinct banks, so
 // lanes never conflict), code * x is accumulated per group of 8 and the block's scale applied once
 // per group. fp32 throughout; a warp
@@ -55,9 +55,10 @@ __device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, flo
   }
 }
 
-// (Two rows ask for 4 resident blocks per SM, as one row gets at 59-64 registers: 74 would give 3.)
+// (Two rows at batch <= 2 ask for 4 resident blocks per SM, as one row gets at 59-64 registers: 74
+// would give 3; past batch 2, for 2, as one row gets at batch 8.)
 template <typename T, int M, int R>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32, R == 1 ? 1 : 4)
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, R == 1 ? 1 : (M <= 2 ? 4 : 2))
     gemv_kernel(const T* __restrict__ x, int64_t k, const uint8_t* __restrict__ packed, fp4_scales scales,
                 int64_t n, int blocksize_log2, Code16 code, const T* __restrict__ bias, T* __restrict__ y) {
   __shared__ float table[16];
@@ -174,26 +175,26 @@ __global__ void linear_generic_kernel(const T* __restrict__ x, int64_t m, int64_
   }
 }
 
-// fp32 activations at batch 1-2 take two rows per warp: their loads through L1 (1 KB per warp and 8
+// fp32 activations take two rows per warp: their loads through L1 (1 KB per warp, batch row and 8
 // weights) bounded the one-row kernel (ncu: 6.1M L1 wavefronts against 3.4M at bf16 on (14336,
-// 4096)). H100 fp32 nf4 batch 1, us, one / two rows: (14336, 4096) 40.8 / 22.5, (4096, 4096) 12.6 /
-// 11.0. fp16 and bf16 stay at one row: two were slower on three of four shapes ((14336, 4096) 25.6 /
-// 29.9, (4096, 14336) 23.0 / 25.2, (4096, 4096) 8.5 / 9.2; (11008, 4096) 18.9 / 17.5).
-// FP4_CUDA_GEMV_ROWS=1 / 2 forces the rows per warp at batch <= 2, any dtype (for measuring both ways).
+// 4096)). H100 fp32 nf4, us, one / two rows: batch 1 (14336, 4096) 40.4 / 21.9, (4096, 4096) 12.7 /
+// 11.0; batch 8 (14336, 4096) 149.3 / 78.8, (4096, 4096) 43.3 / 23.5 (1.6-2.0x at every batch 1-16 on
+// four shapes). fp16 and bf16 stay at one row: at batch 1 two were slower on three of four shapes
+// ((14336, 4096) 25.6 / 29.9, (4096, 14336) 23.0 / 25.2, (4096, 4096) 8.5 / 9.2; (11008, 4096) 18.9
+// / 17.5), and past batch 2 they run on tensor cores wherever the shape allows.
+// FP4_CUDA_GEMV_ROWS=1 / 2 forces the rows per warp, any dtype and batch (for measuring both ways).
 template <typename T, int M>
 void launch_gemv(const fp4_exec& exec, const T* x, int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n,
                  int log2, const Code16& code, const T* bias, T* y) {
-  int rows = std::is_same_v<T, float> && M <= 2 ? 2 : 1;
-  if (const char* forced = std::getenv("FP4_CUDA_GEMV_ROWS"); forced && M <= 2 && (*forced == '1' || *forced == '2'))
+  int rows = std::is_same_v<T, float> ? 2 : 1;
+  if (const char* forced = std::getenv("FP4_CUDA_GEMV_ROWS"); forced && (*forced == '1' || *forced == '2'))
     rows = *forced - '0';
   const auto launch = [&](auto kernel) {
     const unsigned grid = unsigned((n + rows * kWarpsPerBlock - 1) / (rows * kWarpsPerBlock));
     launch_dependent(exec.device_index, kernel, grid, kWarpsPerBlock * 32, 0, stream_of(exec), "linear_4bit kernel", x,
                      k, packed, scales, n, log2, code, bias, y);
   };
-  if constexpr (M <= 2) {
-    if (rows == 2) return launch(gemv_kernel<T, M, 2>);
-  }
+  if (rows == 2) return launch(gemv_kernel<T, M, 2>);
   launch(gemv_kernel<T, M, 1>);
 }
 

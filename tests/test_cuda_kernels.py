@@ -340,12 +340,12 @@ def test_gemm_rejects_what_it_cannot_serve():
     (777, 1000, "nf4", True, 64),      # blocks straddle rows; a tail of single loads
 ], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("batch", [1, 2, 5, 8])
 def test_gemv_two_rows_per_warp(monkeypatch, out_features, in_features, quant_type, double_quant, blocksize, batch,
                                 dtype):
-    """The GEMV with two weight rows per warp against one load of the activations (fp32's default at
-    batch <= 2; bf16 forced by FP4_CUDA_GEMV_ROWS=2). Every row lands (y poisoned first), none past n
-    is written (memcheck)."""
+    """The GEMV with two weight rows per warp against one load of the activations (fp32's default;
+    bf16 forced by FP4_CUDA_GEMV_ROWS=2). Every row lands (y poisoned first), none past n is written
+    (memcheck)."""
     monkeypatch.setenv("FP4_CUDA_GEMV_ROWS", "2")
     layer = _layer(out_features, in_features, dtype, quant_type, double_quant, blocksize)
     x = torch.randn(batch, in_features, device="cuda", dtype=dtype)
@@ -357,13 +357,13 @@ def test_gemv_two_rows_per_warp(monkeypatch, out_features, in_features, quant_ty
 
 
 def test_gemv_rows_per_warp_by_dtype_batch_and_switch(monkeypatch):
-    """fp32 at batch 1 and 2 takes two rows per warp, batch 3 and the half-precision dtypes one;
-    FP4_CUDA_GEMV_ROWS overrides it at batch <= 2 (so the test above runs what it names). (The
-    profiler is apart: it cannot run under compute-sanitizer.)"""
-    for dtype, batch, setting, rows in ((torch.float32, 1, "", 2), (torch.float32, 2, "", 2), (torch.float32, 3, "", 1),
+    """fp32 takes two rows per warp at every batch, the half-precision dtypes one; FP4_CUDA_GEMV_ROWS
+    overrides it (so the test above runs what it names). (The profiler is apart: it cannot run under
+    compute-sanitizer.)"""
+    for dtype, batch, setting, rows in ((torch.float32, 1, "", 2), (torch.float32, 2, "", 2), (torch.float32, 7, "", 2),
                                         (torch.bfloat16, 1, "", 1), (torch.float16, 2, "", 1),
                                         (torch.float32, 1, "1", 1), (torch.bfloat16, 2, "2", 2),
-                                        (torch.bfloat16, 3, "2", 1)):
+                                        (torch.float32, 5, "2", 2), (torch.bfloat16, 8, "1", 1)):
         monkeypatch.setenv("FP4_CUDA_GEMV_ROWS", setting)
         layer = _layer(96, 512, dtype)
         args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
