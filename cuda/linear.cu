@@ -1,10 +1,10 @@
 // The 4-bit linear layer on CUDA for small batches (GEMV): y[m, n] = x[m, k] W^T + b, m <= 8.
 //
-// One warp owns one output feature (with fp32 activations: two) and streams its weight
-// row; each code is looked up in a 16-entry shared-memory table (16 floats in 16 distinct banks, so
-// lanes never conflict), code * x is accumulated per group of 8 and the block's scale applied once
-// per group. fp32 throughout; a warp
-// shuffle reduces the lanes. Rows whose length is not a multiple of 8 take a simple kernel.
+// One warp owns one output feature (with fp32 activations: two) and streams its weight row; each
+// code is looked up in a 16-entry shared-memory table (16 floats in 16 distinct banks, so lanes never
+// conflict), code * x is accumulated per group of 8 and the block's scale applied once per group.
+// fp32 throughout; a warp shuffle reduces the lanes. Rows whose length is not a multiple of 8 take a
+// simple kernel.
 #include "common.cuh"
 #include "kernels.hpp"
 #include "launch.cuh"
@@ -55,8 +55,8 @@ __device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, flo
   }
 }
 
-// (Two rows at batch <= 2 ask for 4 resident blocks per SM, as one row gets at 59-64 registers: 74
-// would give 3; past batch 2, for 2, as one row gets at batch 8.)
+// Two rows per warp ask for as many resident blocks as one row gets: 4 per SM at batch <= 2 (one row
+// takes 59-64 registers; two would take 74, leaving room for 3), 2 beyond (one row at batch 8: 112).
 template <typename T, int M, int R>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, R == 1 ? 1 : (M <= 2 ? 4 : 2))
     gemv_kernel(const T* __restrict__ x, int64_t k, const uint8_t* __restrict__ packed, fp4_scales scales,
@@ -117,8 +117,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, R == 1 ? 1 : (M <= 2 ? 4 
   // an 8-code boundary).
   auto scale_of = [&](int q, int64_t g) { return block_scale(scales, (first_code[q] + g * 8) >> blocksize_log2); };
   // kLoadsInFlight weight loads are issued before any is used, to keep DRAM requests outstanding;
-  // at batch 1 a row of up to 512 words (k <= 4096) is requested whole: one round trip per warp
-  // (measured (14336, 4096) 23.9 -> 21.5 us; longer rows lost 5% with 16 loads in flight).
+  // at batch 1 the warp's rows are requested whole when they hold 2 kLoadsInFlight words together
+  // (k = 4096 at one row, 2048 at two): one round trip per warp (measured (14336, 4096) 23.9 -> 21.5
+  // us; longer rows lost 5% with 16 loads in flight).
   auto run = [&](auto loads, int64_t base) {
     constexpr int U = decltype(loads)::value;
     uint32_t w[U][R];
