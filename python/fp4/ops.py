@@ -152,6 +152,8 @@ def wgmma_supports(args: KernelArgs) -> bool:
 
 
 def gemm_supports(x: torch.Tensor, args: KernelArgs) -> bool:
+    """Whether the tensor-core GEMMs can take x with this weight: fp16/bf16 activations, in_features a
+    multiple of 128 and codes aligned to 16 bytes (else the GEMV or dequantize + matmul serve it)."""
     return (x.dtype in (torch.float16, torch.bfloat16) and args.in_features % 128 == 0
             and args.codes.data_ptr() % 16 == 0)
 
