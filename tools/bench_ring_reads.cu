@@ -135,8 +135,8 @@ int time_sizes(int sms) {
     std::sort(single.begin(), single.end());
     std::sort(chained.begin(), chained.end());
     const cudaError_t e = cudaGetLastError();
-    printf("%6.1f MB  single %6.2f us (%.2f TB/s)  back to back x%2d %6.2f us (%.2f TB/s) %s\n", bytes / 1e6, single[15],
-           bytes / single[15] / 1e6, copies, chained[15], bytes / chained[15] / 1e6,
+    printf("%6.1f MB  single %6.2f us (%.2f TB/s)  back to back x%2d %6.2f us (%.2f TB/s) %s\n", bytes / 1e6,
+           single[15], bytes / single[15] / 1e6, copies, chained[15], bytes / chained[15] / 1e6,
            e == cudaSuccess ? "" : cudaGetErrorString(e));
   }
   return 0;
@@ -145,7 +145,11 @@ int time_sizes(int sms) {
 int main(int argc, char** argv) {
   int sms;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
-  if (argc > 1 && std::string(argv[1]) == "sizes") return time_sizes(sms);
+  if (argc > 2 || (argc == 2 && std::string(argv[1]) != "sizes")) {
+    fprintf(stderr, "usage: %s [sizes]\n", argv[0]);
+    return 2;
+  }
+  if (argc == 2) return time_sizes(sms);
   const int64_t n = 28672, row_bytes = 4096, bytes = n * row_bytes;
   const int copies = 4;
   uint8_t* w;

@@ -39,8 +39,8 @@ GEMV_KERNEL_MAX_BATCH = _C.gemv_max_batch()  # the largest batch one CUDA GEMV l
 # Past it the GEMV runs once per GEMV_KERNEL_MAX_BATCH rows (the weight read once per launch); where
 # the GEMM cannot run (float32 activations, unaligned shapes), that beats a dense copy up to this
 # batch. H100, fp32 nf4, batch 16: dequantize + cuBLAS / GEMV on 8 rows: (2048, 2048) 44.9 / 11.1,
-# (4096, 4096) 100.8 / 40.0, (2048, 768) 19.3 / 5.3 us (the GEMV before it took two rows per warp for fp32:
-# 8 rows of (4096, 4096) now 23.5).
+# (4096, 4096) 100.8 / 40.0, (2048, 768) 19.3 / 5.3 us (measured before the GEMV took two rows per
+# warp for fp32: 8 rows of (4096, 4096) now 23.5).
 GEMV_CHUNKED_MAX_BATCH = 2 * GEMV_KERNEL_MAX_BATCH
 KERNELS = ("gemv", "gemm", "dequantize_matmul")
 
