@@ -75,7 +75,7 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
 // activations xu: codes decoded by the pair table, 4 k16 multiplies per n8 tile. kPostScale: the
 // multiplies run on unscaled codes and the block scales sc[r] multiply their partial sums once;
 // else the pairs are scaled first (sc_pair[r]: sc[r] twice).
-template <typename T, int NT, bool kPostScale>
+template <typename T, int NT, bool kPostScale, bool kAlignedTable = false>
 __device__ __forceinline__ void multiply_half(const uint8_t* table, uint32_t lane_bytes, const uint2 (&words)[2],
                                               const float (&sc)[2], const uint32_t (&sc_pair)[2],
                                               const uint4 (&xu)[NT][2], float (&acc)[NT][4]) {
@@ -92,10 +92,14 @@ __device__ __forceinline__ void multiply_half(const uint8_t* table, uint32_t lan
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const uint32_t word = u == 0 ? words[r].x : words[r].y;
-        uint32_t lo = load_pair(table, s == 0 ? pair_offset_wide<0>(word, lane_bytes)
-                                              : pair_offset_wide<2>(word, lane_bytes));
-        uint32_t hi = load_pair(table, s == 0 ? pair_offset_wide<1>(word, lane_bytes)
-                                              : pair_offset_wide<3>(word, lane_bytes));
+        uint32_t lo, hi;
+        if constexpr (kAlignedTable) {  // (lane_bytes: the table's window address | lane * 4)
+          lo = load_pair_at(s == 0 ? pair_address_aligned<0>(word, lane_bytes) : pair_address_aligned<2>(word, lane_bytes));
+          hi = load_pair_at(s == 0 ? pair_address_aligned<1>(word, lane_bytes) : pair_address_aligned<3>(word, lane_bytes));
+        } else {
+          lo = load_pair(table, s == 0 ? pair_offset_wide<0>(word, lane_bytes) : pair_offset_wide<2>(word, lane_bytes));
+          hi = load_pair(table, s == 0 ? pair_offset_wide<1>(word, lane_bytes) : pair_offset_wide<3>(word, lane_bytes));
+        }
         if constexpr (!kPostScale) lo = Pair<T>::mul(lo, sc_pair[r]), hi = Pair<T>::mul(hi, sc_pair[r]);
         a[r] = lo, a[r + 2] = hi;
       }
@@ -531,11 +535,24 @@ struct FedConfig {
   static constexpr int kStageBytes = kTileRows * 128;
   static constexpr int kXRowBytes = 512, kXStageBytes = NT == 2 ? 16 * kXRowBytes : 0;
   static constexpr size_t kTableBytes = 256 * 256;
-  static constexpr size_t kFixedBytes = 1024 + kTableBytes + kCodeBytes;
   static constexpr size_t kBarrierBytes = (kParts + 1) * sizeof(uint64_t);  // FULL per part, EMPTY, per slot
-  static constexpr int kStages = std::min<int>(8, int((227 * 1024 - kFixedBytes) / (kStageBytes + kXStageBytes + kBarrierBytes)));
-  static constexpr size_t kSmemBytes =
-      kFixedBytes + kStages * (size_t(kStageBytes + kXStageBytes) + kBarrierBytes);
+  // The pair table sits at a shared-window address that is a multiple of 64 KB (a byte permute then
+  // forms each lookup's whole address: pair_address_aligned): the ring below it, from the window's
+  // first 1024-byte boundary after the 1 KB the SM reserves per block, the rest above it.
+  static constexpr size_t kWindowStart = 1024, kTableAlign = 65536;
+  static constexpr size_t table_offset(int stages) {  // from the dynamic shared memory's start
+    return (kWindowStart + size_t(stages) * kStageBytes + kTableAlign - 1) / kTableAlign * kTableAlign - kWindowStart;
+  }
+  static constexpr size_t smem_bytes(int stages) {
+    return table_offset(stages) + kTableBytes + kCodeBytes + size_t(stages) * (kXStageBytes + kBarrierBytes);
+  }
+  static constexpr int most_stages() {
+    int stages = 8;
+    while (smem_bytes(stages) > 227 * 1024) --stages;
+    return stages;
+  }
+  static constexpr int kStages = most_stages();  // 5 at batch <= 8, 4 at 9-16
+  static constexpr size_t kSmemBytes = smem_bytes(kStages), kTableOffset = table_offset(kStages);
   static_assert(kWarps % 4 == 0, "parts of 4 warps");
   static_assert(kSmemBytes <= 227 * 1024, "one block per SM");
   static_assert(kStages * kTileRows / 8 <= 256, "each slot's scales take kTileRows / 8 spare half rows of the table");
@@ -548,9 +565,14 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
                            Code16 code, StreamRanges ranges, StreamOutput<T> out) {
   using C = FedConfig<NT>;
   constexpr int S = C::kStages;
-  extern __shared__ __align__(16) uint8_t smem_raw[];
-  uint8_t* const ring = smem_raw + ((1024 - (uint32_t(__cvta_generic_to_shared(smem_raw)) & 1023)) & 1023);
-  uint8_t* const table = ring + S * C::kStageBytes;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t* const ring = smem_raw;
+  const uint32_t smem_window = tma::shared_address(smem_raw);
+  const uint32_t table_window =
+      uint32_t(smem_window + S * C::kStageBytes + C::kTableAlign - 1) & ~uint32_t(C::kTableAlign - 1);
+  // (a window laid out otherwise than FedConfig assumes would overrun the allocation: stop instead)
+  if (smem_window % 1024 != 0 || table_window - smem_window != C::kTableOffset) __trap();
+  uint8_t* const table = smem_raw + C::kTableOffset;
   float* const codes = reinterpret_cast<float*>(table + C::kTableBytes);
   float* const nested_code = codes + 16;
   uint8_t* const x_ring = table + C::kTableBytes + kCodeBytes;
@@ -571,7 +593,7 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t chunks = k / kChunk;
-  const uint32_t table_window = tma::shared_address(table), x_window = tma::shared_address(x_ring);
+  const uint32_t x_window = tma::shared_address(x_ring);
   // The producer's cursor: unit u of the range (tile, chunk c0) into ring slot `slot` of phase `phase`.
   // Slot s's scales (W warps): fp32 absmax of feature row R at half row 2 W s + R / 8, bytes (R % 8) * 16;
   // nested: half row W s + R / 16, its 4 codes at (R % 16) * 4 and its group absmax 64 bytes further.
@@ -632,7 +654,7 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
   }
 
   const int g = lane / 4, t = lane % 4;
-  const uint32_t lane_bytes = uint32_t(lane) * 4;
+  const uint32_t lane_window = table_window | uint32_t(lane) * 4;
   const float nested_offset = kNested ? *scales.nested_offset : 0.0f;
   float acc[NT][4];
 #pragma unroll
@@ -680,7 +702,7 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
             sc[r] = __uint_as_float(ld_shared_u32(scales_here + r * 256 + g * 16 + (2 * j + h) * 4));
           if (row0 + 8 * r + g >= n) sc[r] = 0.0f;
         }
-        multiply_half<T, NT, true>(table, lane_bytes, words, sc, {0, 0}, xu, acc);
+        multiply_half<T, NT, true, true>(table, lane_window, words, sc, {0, 0}, xu, acc);
       }
     }
     __syncwarp();

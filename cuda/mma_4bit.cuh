@@ -152,6 +152,19 @@ __device__ __forceinline__ uint32_t pair_offset_wide(uint32_t word, uint32_t lan
 __device__ __forceinline__ uint32_t load_pair(const uint8_t* table, uint32_t offset) {
   return *reinterpret_cast<const uint32_t*>(table + offset);
 }
+// 256-byte rows at a shared-window address that is a multiple of 64 KB: the byte permute of the word
+// and `lane_window` (the table's address | lane * 4) forms the whole address, since the table's
+// address has no bits where the byte goes — no add per lookup.
+template <int B>
+__device__ __forceinline__ uint32_t pair_address_aligned(uint32_t word, uint32_t lane_window) {
+  return __byte_perm(word, lane_window, 0x7604u | (B << 4));
+}
+__device__ __forceinline__ uint32_t load_pair_at(uint32_t window_address) {
+  uint32_t v;
+  // (not volatile: the table is read-only once built, and the lookups may be scheduled freely)
+  asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(window_address));
+  return v;
+}
 
 // 16-byte piece p of weight row `row` in a warp's ring stage: rows of kRowBytes, pieces swizzled so
 // the 8-byte reads of lanes g = 0..3 (rows row .. row + 3, pieces 2q, 2q + 1) hit 8 bank groups.
