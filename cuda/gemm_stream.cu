@@ -570,7 +570,8 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
   const uint32_t smem_window = tma::shared_address(smem_raw);
   const uint32_t table_window =
       uint32_t(smem_window + S * C::kStageBytes + C::kTableAlign - 1) & ~uint32_t(C::kTableAlign - 1);
-  // (a window laid out otherwise than FedConfig assumes would overrun the allocation: stop instead)
+  // (gemm_4bit_stream runs this kernel only where the window starts as FedConfig assumes; were it
+  // elsewhere, the table would overrun the allocation: stop instead)
   if (smem_window % 1024 != 0 || table_window - smem_window != C::kTableOffset) __trap();
   uint8_t* const table = smem_raw + C::kTableOffset;
   float* const codes = reinterpret_cast<float*>(table + C::kTableBytes);
@@ -718,6 +719,13 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
   }
 }
 
+// Whether a block's dynamic shared memory starts FedConfig::kWindowStart bytes into the window on
+// `device`: after the memory the SM reserves per block (1 KB on sm_80 to sm_90; the fed kernel
+// declares no static shared memory), so that the pair table lands on a 64 KB boundary.
+bool fed_window_as_assumed(int device) {
+  return device_attribute<cudaDevAttrReservedSharedMemoryPerBlock>(device, 0) == int(FedConfig<1>::kWindowStart);
+}
+
 template <typename T, int NT, bool kNested>
 void launch_fed(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed,
                 const fp4_scales& scales, int64_t n, const Code16& code, const T* bias, T* y, float* workspace) {
@@ -769,7 +777,7 @@ void gemm_4bit_stream(const fp4_exec& exec, const Code16& code, fp4_dtype dtype,
   const char* forced = std::getenv("FP4_CUDA_STREAM_FED");
   const bool fed_wanted = forced && forced[0] != '\0' ? std::strcmp(forced, "0") != 0 : n * k >= (int64_t(1) << 27);
   const bool fed = fed_wanted && ring_scales && blocksize == 64 && reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
-                   gemm_4bit_wgmma_available(exec.device_index);
+                   gemm_4bit_wgmma_available(exec.device_index) && fed_window_as_assumed(exec.device_index);
   if (fed) {
     dispatch_variant<1, 2>(
         dtype, m, 8, scales, blocksize,
