@@ -158,6 +158,82 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, R == 1 ? 1 : (M <= 2 ? 4 
   }
 }
 
+// Batch 1, fp16/bf16, k % 8 == 0 (EXPERIMENT): the one-row kernel with each byte's two codes looked
+// up at once in a 64 KB pair table with a column per lane (256 rows of 32 float2: conflict-free 8-byte
+// reads), one byte permute forming the offset — instead of two lookups and four shifts/masks per byte
+// (ncu: the one-row kernel is issue-bound, 63 instructions per 8 weights). A resident grid (blocks
+// of 16 warps) builds the table once per block and walks the rows.
+constexpr int kPairWarps = 16;
+constexpr size_t kPairTableBytes = 256 * 32 * sizeof(float2);
+
+template <typename T>
+__global__ void __launch_bounds__(kPairWarps * 32)
+    gemv_pair_kernel(const T* __restrict__ x, int64_t k, const uint8_t* __restrict__ packed, fp4_scales scales,
+                     int64_t n, int blocksize_log2, Code16 code, const T* __restrict__ bias, T* __restrict__ y) {
+  extern __shared__ __align__(16) uint8_t pair_table[];
+  __shared__ float codes[16];
+  allow_successor();
+  const int lane = threadIdx.x % 32;
+  if (threadIdx.x < 16) {  // (a static index per candidate: indexing the parameter would copy it to the stack)
+    float v = code.v[0];
+#pragma unroll
+    for (int i = 1; i < 16; ++i) v = threadIdx.x == i ? code.v[i] : v;
+    codes[threadIdx.x] = v;
+  }
+  __syncthreads();
+  // Row b holds (codes[b >> 4], codes[b & 15]) 32 times: the even and odd weight of byte b.
+  for (int e = threadIdx.x; e < 256 * 16; e += blockDim.x) {
+    const int b = e / 16, pair = e % 16;  // (16-byte stores: two lanes' copies each)
+    const float even = codes[b >> 4], odd = codes[b & 15];
+    reinterpret_cast<float4*>(pair_table + b * 256)[pair] = make_float4(even, odd, even, odd);
+  }
+  __syncthreads();
+  wait_for_predecessor();
+  const uint8_t* const table_lane = pair_table;
+  const uint32_t lane_bytes = uint32_t(lane) * 8;
+  const int64_t groups = k / 8, warps = int64_t(gridDim.x) * kPairWarps;
+  for (int64_t j = int64_t(blockIdx.x) * kPairWarps + threadIdx.x / 32; j < n; j += warps) {
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(packed + j * k / 2);
+    float acc = 0.0f;
+    auto consume = [&](uint32_t word, float scale, int64_t g) {
+      float xv[8];
+      load8(x + g * 8, xv);
+      float part = 0.0f;
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        // byte t of the word as the row, the lane's column: byte * 256 + lane * 8
+        const uint32_t offset = __byte_perm(word, lane_bytes, 0x5504u | (t << 4));
+        const float2 w = *reinterpret_cast<const float2*>(table_lane + offset);
+        part = fmaf(w.y, xv[2 * t + 1], fmaf(w.x, xv[2 * t], part));
+      }
+      acc = fmaf(scale, part, acc);
+    };
+    auto scale_of = [&](int64_t g) { return block_scale(scales, (j * k + g * 8) >> blocksize_log2); };
+    auto run = [&](auto loads, int64_t base) {
+      constexpr int U = decltype(loads)::value;
+      uint32_t w[U];
+      float scale[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) w[u] = load_stream(row + base + 32 * u);
+#pragma unroll
+      for (int u = 0; u < U; ++u) scale[u] = scale_of(base + 32 * u);
+#pragma unroll
+      for (int u = 0; u < U; ++u) consume(w[u], scale[u], base + 32 * u);
+    };
+    int64_t base = lane;
+    if (groups == 32 * 2 * kLoadsInFlight) {
+      run(std::integral_constant<int, 2 * kLoadsInFlight>(), base);
+      base += groups;
+    }
+    for (; base + 32 * (kLoadsInFlight - 1) < groups; base += 32 * kLoadsInFlight)
+      run(std::integral_constant<int, kLoadsInFlight>(), base);
+    for (; base + 32 * 3 < groups; base += 32 * 4) run(std::integral_constant<int, 4>(), base);
+    for (; base < groups; base += 32) run(std::integral_constant<int, 1>(), base);
+    for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+    if (lane == 0) y[j] = store_from_float<T>(acc + (bias ? load_as_float(bias + j) : 0.0f));
+  }
+}
+
 // Any k: one thread per output element, scalar decode.
 template <typename T>
 __global__ void linear_generic_kernel(const T* __restrict__ x, int64_t m, int64_t k, const uint8_t* __restrict__ packed,
@@ -196,6 +272,19 @@ void launch_gemv(const fp4_exec& exec, const T* x, int64_t k, const uint8_t* pac
                      k, packed, scales, n, log2, code, bias, y);
   };
   if (rows == 2) return launch(gemv_kernel<T, M, 2>);
+  if constexpr (M == 1 && !std::is_same_v<T, float>) {
+    const char* form = std::getenv("FP4_CUDA_GEMV_PAIRS");  // (experiment: 1 = the pair-table kernel)
+    if (form && *form == '1') {
+      constexpr auto kernel = gemv_pair_kernel<T>;
+      allow_dynamic_smem<kernel>(exec.device_index, kPairTableBytes);
+      const int64_t resident = int64_t(sm_count(exec.device_index)) * 2;  // (64 KB and ~60 registers each)
+      const int64_t needed = (n + kPairWarps - 1) / kPairWarps;
+      launch_dependent(exec.device_index, kernel, unsigned(needed < resident ? needed : resident), kPairWarps * 32,
+                       kPairTableBytes, stream_of(exec), "linear_4bit kernel", x, k, packed, scales, n, log2, code,
+                       bias, y);
+      return;
+    }
+  }
   launch(gemv_kernel<T, M, 1>);
 }
 
