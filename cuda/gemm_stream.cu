@@ -770,12 +770,16 @@ void gemm_4bit_stream(const fp4_exec& exec, const Code16& code, fp4_dtype dtype,
                                                       reinterpret_cast<uintptr_t>(scales.absmax) % 4 == 0 &&
                                                       scales.nested_blocksize % 4 == 0
                                                 : reinterpret_cast<uintptr_t>(scales.absmax) % 16 == 0);
-  // The fed form where it pays: measured on the H100 (bf16 nf4, us, old / fed, same run), (28672,
-  // 8192) batch 1 / 4 / 16: 65.9 / 60.8, 67.7 / 63.3, 69.3 / 67.2; but (14336, 4096) and (4096,
-  // 14336), ~9 stages per block, 24.6 / 26.3 at batch 4 and 24.4 / 27.8 at batch 16. So weights of
-  // >= 2^27 values. FP4_CUDA_STREAM_FED=1 / 0 forces it on / off wherever it can run (tests).
+  // The fed form wherever it can run: with the pair table at a 64 KB-aligned address (FedConfig) it
+  // beats or ties the other form at batch 2-16 on every shape measured on the H100 (bf16 nf4, us, same
+  // process, other / fed): (28672, 8192) batch 1 / 4 / 16: 57.3 / 56.3, 61.6 / 58.4, 67.8 / 63.9;
+  // (4096, 14336) 2 / 16: 22.6 / 20.7, 24.1 / 22.6; (11008, 4096) 4: 20.1 / 18.3; (8192, 8192) 2:
+  // 24.3 / 22.4; (4096, 4096) 4: 11.6 / 11.1; the one loss, (14336, 4096) batch 16: 22.8 / 23.2.
+  // (Before the aligned table, with one ring stage more, the fed form lost on every weight of
+  // < 2^27 values: (14336, 4096) batch 16 24.4 / 27.8.) FP4_CUDA_STREAM_FED=1 / 0 forces it on / off
+  // wherever it can run (tests).
   const char* forced = std::getenv("FP4_CUDA_STREAM_FED");
-  const bool fed_wanted = forced && forced[0] != '\0' ? std::strcmp(forced, "0") != 0 : n * k >= (int64_t(1) << 27);
+  const bool fed_wanted = !(forced && std::strcmp(forced, "0") == 0);
   const bool fed = fed_wanted && ring_scales && blocksize == 64 && reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
                    gemm_4bit_wgmma_available(exec.device_index) && fed_window_as_assumed(exec.device_index);
   if (fed) {

@@ -3,12 +3,14 @@
 // One warp owns one output feature (with fp32 activations: two) and streams its weight row; each
 // code is looked up in a 16-entry shared-memory table (16 floats in 16 distinct banks, so lanes never
 // conflict), code * x is accumulated per group of 8 and the block's scale applied once per group.
-// fp32 throughout; a warp shuffle reduces the lanes. Rows whose length is not a multiple of 8 take a
-// simple kernel.
+// fp32 throughout; a warp shuffle reduces the lanes. At batch 1 in fp16 / bf16, large weights look
+// a byte's two codes up at once in a pair table (gemv_pair_kernel). Rows whose length is not a
+// multiple of 8 take a simple kernel.
 #include "common.cuh"
 #include "kernels.hpp"
 #include "launch.cuh"
 
+#include <algorithm>
 #include <cstdlib>
 #include <type_traits>
 
@@ -55,6 +57,34 @@ __device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, flo
   }
 }
 
+// The codebook into shared memory (threads 0-15; the caller synchronizes).
+__device__ __forceinline__ void stage_codes(const Code16& code, float* table) {
+  if (threadIdx.x < 16) {  // (a static index per candidate: indexing the parameter would copy it to the stack)
+    float v = code.v[0];
+#pragma unroll
+    for (int i = 1; i < 16; ++i) v = threadIdx.x == i ? code.v[i] : v;
+    table[threadIdx.x] = v;
+  }
+}
+
+// Walks a row's `groups` 4-byte words with lane `lane`'s share, run(std::integral_constant<int, U>,
+// base) handling words base, base + 32, ..., base + 32 (U - 1): kLoads words in flight per lane
+// (issued before any is used, to keep DRAM requests outstanding), then 4, then 1 for the tail. With
+// kWholeRow, a row of exactly 2 kLoads words per lane is requested whole: one round trip per warp
+// (measured (14336, 4096) bf16 23.9 -> 21.5 us; longer rows lost 5% with 16 loads in flight).
+template <int kLoads, bool kWholeRow, typename Run>
+__device__ __forceinline__ void walk_row(int64_t groups, int lane, Run&& run) {
+  int64_t base = lane;
+  if (kWholeRow && groups == 32 * 2 * kLoads) {
+    run(std::integral_constant<int, 2 * kLoads>(), base);
+    base += groups;
+  }
+  for (; base + 32 * (kLoads - 1) < groups; base += 32 * kLoads) run(std::integral_constant<int, kLoads>(), base);
+  if constexpr (kLoads > 4)
+    for (; base + 32 * 3 < groups; base += 32 * 4) run(std::integral_constant<int, 4>(), base);
+  for (; base < groups; base += 32) run(std::integral_constant<int, 1>(), base);
+}
+
 // Two rows per warp ask for as many resident blocks as one row gets: 4 per SM at batch <= 2 (one row
 // takes 59-64 registers; two would take 74, leaving room for 3), 2 beyond (one row at batch 8: 112).
 template <typename T, int M, int R>
@@ -65,12 +95,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, R == 1 ? 1 : (M <= 2 ? 4 
   allow_successor();
   const int lane = threadIdx.x % 32;
   const int64_t j = (int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32) * R;  // the warp's first row
-  if (threadIdx.x < 16) {  // (a static index per candidate: indexing the parameter would copy it to the stack)
-    float v = code.v[0];
-#pragma unroll
-    for (int i = 1; i < 16; ++i) v = threadIdx.x == i ? code.v[i] : v;
-    table[threadIdx.x] = v;
-  }
+  stage_codes(code, table);
   __syncthreads();
   wait_for_predecessor();
   if (j >= n) return;
@@ -116,10 +141,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, R == 1 ? 1 : (M <= 2 ? 4 
   // A group of 8 codes never straddles two absmax blocks (blocks hold >= 32 codes, rows start on
   // an 8-code boundary).
   auto scale_of = [&](int q, int64_t g) { return block_scale(scales, (first_code[q] + g * 8) >> blocksize_log2); };
-  // kLoadsInFlight weight loads are issued before any is used, to keep DRAM requests outstanding;
-  // at batch 1 the warp's rows are requested whole when they hold 2 kLoadsInFlight words together
-  // (k = 4096 at one row, 2048 at two): one round trip per warp (measured (14336, 4096) 23.9 -> 21.5
-  // us; longer rows lost 5% with 16 loads in flight).
+  // (at batch 1 the warp's rows are requested whole when they hold 2 kLoadsInFlight words together:
+  // k = 4096 at one row, 2048 at two)
   auto run = [&](auto loads, int64_t base) {
     constexpr int U = decltype(loads)::value;
     uint32_t w[U][R];
@@ -135,16 +158,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, R == 1 ? 1 : (M <= 2 ? 4 
 #pragma unroll
     for (int u = 0; u < U; ++u) consume(w[u], scale[u], base + 32 * u);
   };
-  constexpr int kLoads = kLoadsInFlight / R;  // per row: the same bytes in flight per warp for every R
-  int64_t base = lane;
-  if (M == 1 && groups == 32 * 2 * kLoads) {
-    run(std::integral_constant<int, 2 * kLoads>(), base);
-    base += groups;
-  }
-  for (; base + 32 * (kLoads - 1) < groups; base += 32 * kLoads) run(std::integral_constant<int, kLoads>(), base);
-  if constexpr (kLoads > 4)
-    for (; base + 32 * 3 < groups; base += 32 * 4) run(std::integral_constant<int, 4>(), base);
-  for (; base < groups; base += 32) run(std::integral_constant<int, 1>(), base);
+  walk_row<kLoadsInFlight / R, M == 1>(groups, lane, run);  // (per row: the same bytes in flight for every R)
 #pragma unroll
   for (int q = 0; q < R; ++q) {
 #pragma unroll
@@ -158,11 +172,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, R == 1 ? 1 : (M <= 2 ? 4 
   }
 }
 
-// Batch 1, fp16/bf16, k % 8 == 0 (EXPERIMENT): the one-row kernel with each byte's two codes looked
-// up at once in a 64 KB pair table with a column per lane (256 rows of 32 float2: conflict-free 8-byte
-// reads), one byte permute forming the offset — instead of two lookups and four shifts/masks per byte
-// (ncu: the one-row kernel is issue-bound, 63 instructions per 8 weights). A resident grid (blocks
-// of 16 warps) builds the table once per block and walks the rows.
+// Batch 1, fp16/bf16, large weights: the one-row kernel is issue-bound there (ncu, (14336, 4096)
+// bf16: 63 warp instructions per 8 weights, issue slots 64% busy, DRAM 40%), most of it the decode:
+// per byte two table lookups and four shifts and masks. This kernel looks each byte's two codes up
+// at once in a 64 KB pair table with a column per lane (256 rows of 32 float2, so a warp's 8-byte
+// reads never conflict); one byte permute forms the offset: ~30 instructions per 8 weights. A grid
+// of resident 16-warp blocks builds the table once per block and walks the rows.
 constexpr int kPairWarps = 16;
 constexpr size_t kPairTableBytes = 256 * 32 * sizeof(float2);
 
@@ -174,12 +189,7 @@ __global__ void __launch_bounds__(kPairWarps * 32)
   __shared__ float codes[16];
   allow_successor();
   const int lane = threadIdx.x % 32;
-  if (threadIdx.x < 16) {  // (a static index per candidate: indexing the parameter would copy it to the stack)
-    float v = code.v[0];
-#pragma unroll
-    for (int i = 1; i < 16; ++i) v = threadIdx.x == i ? code.v[i] : v;
-    codes[threadIdx.x] = v;
-  }
+  stage_codes(code, codes);
   __syncthreads();
   // Row b holds (codes[b >> 4], codes[b & 15]) 32 times: the even and odd weight of byte b.
   for (int e = threadIdx.x; e < 256 * 16; e += blockDim.x) {
@@ -189,7 +199,6 @@ __global__ void __launch_bounds__(kPairWarps * 32)
   }
   __syncthreads();
   wait_for_predecessor();
-  const uint8_t* const table_lane = pair_table;
   const uint32_t lane_bytes = uint32_t(lane) * 8;
   const int64_t groups = k / 8, warps = int64_t(gridDim.x) * kPairWarps;
   for (int64_t j = int64_t(blockIdx.x) * kPairWarps + threadIdx.x / 32; j < n; j += warps) {
@@ -201,9 +210,9 @@ __global__ void __launch_bounds__(kPairWarps * 32)
       float part = 0.0f;
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
-        // byte t of the word as the row, the lane's column: byte * 256 + lane * 8
+        // byte t of the word picks the row, the lane its column: offset byte * 256 + lane * 8
         const uint32_t offset = __byte_perm(word, lane_bytes, 0x5504u | (t << 4));
-        const float2 w = *reinterpret_cast<const float2*>(table_lane + offset);
+        const float2 w = *reinterpret_cast<const float2*>(pair_table + offset);
         part = fmaf(w.y, xv[2 * t + 1], fmaf(w.x, xv[2 * t], part));
       }
       acc = fmaf(scale, part, acc);
@@ -220,15 +229,7 @@ __global__ void __launch_bounds__(kPairWarps * 32)
 #pragma unroll
       for (int u = 0; u < U; ++u) consume(w[u], scale[u], base + 32 * u);
     };
-    int64_t base = lane;
-    if (groups == 32 * 2 * kLoadsInFlight) {
-      run(std::integral_constant<int, 2 * kLoadsInFlight>(), base);
-      base += groups;
-    }
-    for (; base + 32 * (kLoadsInFlight - 1) < groups; base += 32 * kLoadsInFlight)
-      run(std::integral_constant<int, kLoadsInFlight>(), base);
-    for (; base + 32 * 3 < groups; base += 32 * 4) run(std::integral_constant<int, 4>(), base);
-    for (; base < groups; base += 32) run(std::integral_constant<int, 1>(), base);
+    walk_row<kLoadsInFlight, true>(groups, lane, run);
     for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
     if (lane == 0) y[j] = store_from_float<T>(acc + (bias ? load_as_float(bias + j) : 0.0f));
   }
@@ -252,39 +253,59 @@ __global__ void linear_generic_kernel(const T* __restrict__ x, int64_t m, int64_
   }
 }
 
-// fp32 activations take two rows per warp: their loads through L1 (1 KB per warp, batch row and 8
-// weights) bounded the one-row kernel (ncu: 6.1M L1 wavefronts against 3.4M at bf16 on (14336,
-// 4096)). H100 fp32 nf4, us, one / two rows: batch 1 (14336, 4096) 40.4 / 21.9, (4096, 4096) 12.7 /
-// 11.0; batch 8 (14336, 4096) 149.3 / 78.8, (4096, 4096) 43.3 / 23.5 (1.6-2.0x at every batch 1-16 on
-// four shapes). fp16 and bf16 stay at one row: at batch 1 two were slower on three of four shapes
-// ((14336, 4096) 25.6 / 29.9, (4096, 14336) 23.0 / 25.2, (4096, 4096) 8.5 / 9.2; (11008, 4096) 18.9
-// / 17.5), and past batch 2 they run on tensor cores wherever the shape allows.
-// FP4_CUDA_GEMV_ROWS=1 / 2 forces the rows per warp, any dtype and batch (for measuring both ways).
+// Which GEMV kernel a call runs:
+//  - fp32 activations: two rows per warp. Their loads through L1 (1 KB per warp, batch row and 8
+//    weights) bounded the one-row kernel (ncu: 6.1M L1 wavefronts against 3.4M at bf16 on (14336,
+//    4096)). H100 fp32 nf4, us, one / two rows: batch 1 (14336, 4096) 40.4 / 21.9, (4096, 4096) 12.7 /
+//    11.0; batch 8 (14336, 4096) 149.3 / 78.8, (4096, 4096) 43.3 / 23.5 (1.6-2.0x at every batch 1-16
+//    on four shapes).
+//  - fp16 / bf16 at batch 1, weights of >= 2^24 values: the pair-table kernel. H100 bf16 nf4, us, one
+//    row / pairs (same process): (4096, 4096) 8.5 / 7.6, (8192, 8192) 26.8 / 21.5, (11008, 4096) 18.6 /
+//    17.8, (4096, 11008) 19.2 / 15.7, (14336, 4096) 23.0 / 22.8, (4096, 14336) 22.2 / 18.8; smaller
+//    weights lose the table's build: (2048, 2048) 3.1 / 3.9, (1024, 4096) 4.0 / 4.0.
+//  - otherwise fp16 / bf16 take one row: two were slower at batch 1 on three of four shapes
+//    ((14336, 4096) 25.6 / 29.9, (4096, 14336) 23.0 / 25.2, (4096, 4096) 8.5 / 9.2; (11008, 4096)
+//    18.9 / 17.5), and past batch 2 they run on tensor cores wherever the shape allows.
+// FP4_CUDA_GEMV_ROWS=1 / 2 forces the row kernel with that many rows per warp, any dtype and batch;
+// FP4_CUDA_GEMV_PAIRS=1 / 0 forces the pair-table kernel on / off at batch 1 in fp16 / bf16 (for
+// measuring and testing each).
+constexpr int64_t kPairMinWeights = int64_t(1) << 24;
+
+template <typename T>
+void launch_gemv_pairs(const fp4_exec& exec, const T* x, int64_t k, const uint8_t* packed, const fp4_scales& scales,
+                       int64_t n, int log2, const Code16& code, const T* bias, T* y) {
+  constexpr auto kernel = gemv_pair_kernel<T>;
+  const int device = exec.device_index;
+  allow_dynamic_smem<kernel>(device, kPairTableBytes);
+  // Two blocks per SM where the shared memory holds two tables (sm_80, sm_90), else one.
+  const int per_sm = device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(device, 0) >=
+                             int(2 * (kPairTableBytes + 2048))
+                         ? 2
+                         : 1;
+  const int64_t resident = int64_t(sm_count(device)) * per_sm, needed = (n + kPairWarps - 1) / kPairWarps;
+  launch_dependent(device, kernel, unsigned(std::min(needed, resident)), kPairWarps * 32, kPairTableBytes,
+                   stream_of(exec), "linear_4bit kernel", x, k, packed, scales, n, log2, code, bias, y);
+}
+
 template <typename T, int M>
 void launch_gemv(const fp4_exec& exec, const T* x, int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n,
                  int log2, const Code16& code, const T* bias, T* y) {
   int rows = std::is_same_v<T, float> ? 2 : 1;
-  if (const char* forced = std::getenv("FP4_CUDA_GEMV_ROWS"); forced && (*forced == '1' || *forced == '2'))
-    rows = *forced - '0';
+  const char* forced_rows = std::getenv("FP4_CUDA_GEMV_ROWS");
+  const bool rows_forced = forced_rows && (*forced_rows == '1' || *forced_rows == '2');
+  if (rows_forced) rows = *forced_rows - '0';
+  if constexpr (M == 1 && !std::is_same_v<T, float>) {
+    const char* forced = std::getenv("FP4_CUDA_GEMV_PAIRS");
+    const bool pairs = forced && (*forced == '0' || *forced == '1') ? *forced == '1'
+                                                                    : !rows_forced && n * k >= kPairMinWeights;
+    if (pairs) return launch_gemv_pairs(exec, x, k, packed, scales, n, log2, code, bias, y);
+  }
+  const unsigned grid = unsigned((n + rows * kWarpsPerBlock - 1) / (rows * kWarpsPerBlock));
   const auto launch = [&](auto kernel) {
-    const unsigned grid = unsigned((n + rows * kWarpsPerBlock - 1) / (rows * kWarpsPerBlock));
     launch_dependent(exec.device_index, kernel, grid, kWarpsPerBlock * 32, 0, stream_of(exec), "linear_4bit kernel", x,
                      k, packed, scales, n, log2, code, bias, y);
   };
   if (rows == 2) return launch(gemv_kernel<T, M, 2>);
-  if constexpr (M == 1 && !std::is_same_v<T, float>) {
-    const char* form = std::getenv("FP4_CUDA_GEMV_PAIRS");  // (experiment: 1 = the pair-table kernel)
-    if (form && *form == '1') {
-      constexpr auto kernel = gemv_pair_kernel<T>;
-      allow_dynamic_smem<kernel>(exec.device_index, kPairTableBytes);
-      const int64_t resident = int64_t(sm_count(exec.device_index)) * 2;  // (64 KB and ~60 registers each)
-      const int64_t needed = (n + kPairWarps - 1) / kPairWarps;
-      launch_dependent(exec.device_index, kernel, unsigned(needed < resident ? needed : resident), kPairWarps * 32,
-                       kPairTableBytes, stream_of(exec), "linear_4bit kernel", x, k, packed, scales, n, log2, code,
-                       bias, y);
-      return;
-    }
-  }
   launch(gemv_kernel<T, M, 1>);
 }
 

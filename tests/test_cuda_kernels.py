@@ -159,15 +159,19 @@ def test_gemm_stream_ranges_cross_tiles(batch, double_quant, in_features):
     _check(layer, torch.randn(batch, in_features, device="cuda", dtype=torch.float16), "gemm")
 
 
-@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
 @pytest.mark.parametrize("batch", [1, 5, 9, 16])
-def test_gemm_fed_stream_matches_reference(monkeypatch, batch, double_quant, dtype):
-    """The producer-fed stream kernel (sm_90a; by default for weights of >= 2^27 values), forced by
-    FP4_CUDA_STREAM_FED=1: 8208 features end in a partial 192-row tile, and 1280 columns are 5
-    whole stages, so block ranges start and end inside tiles; batch 9-16 copies activations too."""
-    monkeypatch.setenv("FP4_CUDA_STREAM_FED", "1")
+@pytest.mark.parametrize("fed", ["1", "0"], ids=["fed", "stream"])
+def test_gemm_stream_forms_match_reference(monkeypatch, fed, batch, double_quant, dtype):
+    """Both forms of the stream kernel at blocksize 64 (scales through the ring): the producer-fed
+    one (sm_90a, by default wherever it can run) and the original (every other device), forced by
+    FP4_CUDA_STREAM_FED=1 / 0: 8208 features end in a partial tile (192 rows fed, 256 not), and 1280
+    columns are 5 whole stages, so block ranges start and end inside tiles; batch 9-16 copies
+    activations too."""
+    if fed == "1" and not WGMMA:
+        pytest.skip("the fed form needs an sm_90 GPU and a library built for sm_90a")
+    monkeypatch.setenv("FP4_CUDA_STREAM_FED", fed)
     layer = _layer(8208, 1280, dtype, "nf4", double_quant)
     _check(layer, torch.randn(batch, 1280, device="cuda", dtype=dtype), "gemm")
 
@@ -238,16 +242,16 @@ def _cuda_kernel_names(run):
 
 @pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
 def test_fed_stream_switch_picks_the_kernel(monkeypatch):
-    """FP4_CUDA_STREAM_FED=1 / 0 really switch between the two stream kernels (so the test above
-    runs the fed one), and by default a small weight takes the original."""
-    layer = _layer(528, 1280, torch.float16)
-    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    """FP4_CUDA_STREAM_FED=1 / 0 really switch between the two stream kernels (so the tests above
+    run what they name); by default blocksize 64 takes the fed one, other blocksizes the original."""
     x = torch.randn(4, 1280, device="cuda", dtype=torch.float16)
-    for setting, fed in (("1", True), ("0", False), ("", False)):
+    for blocksize, setting, fed in ((64, "1", True), (64, "0", False), (64, "", True), (128, "", False)):
         monkeypatch.setenv("FP4_CUDA_STREAM_FED", setting)
+        layer = _layer(528, 1280, torch.float16, blocksize=blocksize)
+        args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
         names = _cuda_kernel_names(lambda: ops.linear_4bit_prepared(x, args, kernel="gemm"))
         assert "gemm_stream" in names
-        assert ("gemm_stream_fed_kernel" in names) == fed, (setting, names)
+        assert ("gemm_stream_fed_kernel" in names) == fed, (blocksize, setting, names)
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
@@ -370,6 +374,51 @@ def test_gemv_rows_per_warp_by_dtype_batch_and_switch(monkeypatch):
         x = torch.randn(batch, 512, device="cuda", dtype=dtype)
         names = _cuda_kernel_names(lambda: ops.linear_4bit_prepared(x, args, kernel="gemv"))
         assert "gemv_kernel<" in names and f", {batch}, {rows}>" in names, (dtype, batch, setting, names)
+
+
+@pytest.mark.parametrize("out_features,in_features,quant_type,double_quant,blocksize", [
+    (1003, 4096, "nf4", False, 64),   # a whole row per round trip
+    (517, 6144, "fp4", True, 128),    # several round trips per row, nested statistics
+    (300, 8192, "nf4", False, 4096),
+    (777, 1000, "nf4", True, 64),     # blocks straddle rows; a tail of single loads
+    (9001, 256, "fp4", False, 32),    # more rows than resident warps: each warp walks several
+], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_gemv_pair_table(monkeypatch, out_features, in_features, quant_type, double_quant, blocksize, dtype):
+    """The batch-1 GEMV that looks a byte's two codes up at once in a pair table (fp16 / bf16 weights of
+    >= 2^24 values by default; forced here by FP4_CUDA_GEMV_PAIRS=1). Every row lands (y poisoned
+    first), none past n is written (memcheck), and the sums match an fp64 reference."""
+    monkeypatch.setenv("FP4_CUDA_GEMV_PAIRS", "1")
+    layer = _layer(out_features, in_features, dtype, quant_type, double_quant, blocksize)
+    x = torch.randn(1, in_features, device="cuda", dtype=dtype)
+    _check(layer, x, "gemv")
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    reference = x.double() @ layer.dequantize().to(dtype).double().t() + layer.bias.double()
+    y = ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemv").double()
+    assert ((y - reference).norm() / reference.norm()).item() < 4e-3
+
+
+def test_gemv_pair_table_where_chosen(monkeypatch):
+    """Batch 1 in fp16 / bf16 on weights of >= 2^24 values takes the pair-table GEMV; smaller weights,
+    fp32, batch 2 and FP4_CUDA_GEMV_PAIRS=0 or FP4_CUDA_GEMV_ROWS take the row kernel, and
+    FP4_CUDA_GEMV_PAIRS=1 the pair table on any weight (so the test above runs what it names)."""
+    for out_features, in_features, dtype, batch, pairs, rows, expected in (
+            (4096, 4096, torch.bfloat16, 1, "", "", "gemv_pair_kernel"),
+            (4096, 4096, torch.float16, 1, "", "", "gemv_pair_kernel"),
+            (2048, 4096, torch.bfloat16, 1, "", "", "gemv_kernel<"),
+            (4096, 4096, torch.float32, 1, "", "", "gemv_kernel<"),
+            (4096, 4096, torch.bfloat16, 2, "", "", "gemv_kernel<"),
+            (4096, 4096, torch.bfloat16, 1, "0", "", "gemv_kernel<"),
+            (4096, 4096, torch.bfloat16, 1, "", "1", "gemv_kernel<"),
+            (96, 512, torch.float16, 1, "1", "", "gemv_pair_kernel")):
+        monkeypatch.setenv("FP4_CUDA_GEMV_PAIRS", pairs)
+        monkeypatch.setenv("FP4_CUDA_GEMV_ROWS", rows)
+        layer = _layer(out_features, in_features, dtype)
+        args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+        x = torch.randn(batch, in_features, device="cuda", dtype=dtype)
+        names = _cuda_kernel_names(lambda: ops.linear_4bit_prepared(x, args, kernel="gemv"))
+        assert expected in names and not ("gemv_kernel<" in names and "gemv_pair_kernel" in names), (
+            out_features, in_features, dtype, batch, pairs, rows, names)
 
 
 @pytest.mark.parametrize("batch", [9, 13, 16])
