@@ -454,3 +454,9 @@ def test_dispatch_thresholds():
         assert ops.choose_kernel(x, big, m) == "gemm"
         small = ops.KernelArgs(args.codes, args.scales, "nf4", 64, (limit // 512, 256))
         assert ops.choose_kernel(x, small, m) == "gemv"
+    # At batch 1 rows longer than their count keep the GEMV to a larger weight.
+    limit = ops.CUDA_GEMV_LONG_ROWS_MAX_WEIGHTS
+    assert limit > ops.CUDA_GEMV_MAX_WEIGHTS[1]
+    for shape, m, kernel in (((256, limit // 512), 1, "gemv"), ((256, limit // 256), 1, "gemm"),
+                             ((limit // 512, 256), 1, "gemm"), ((256, limit // 512), 2, "gemm")):
+        assert ops.choose_kernel(x, ops.KernelArgs(args.codes, args.scales, "nf4", 64, shape), m) == kernel, shape

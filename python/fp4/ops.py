@@ -14,24 +14,29 @@ from .quant_state import QuantState
 
 # Which CUDA kernel serves which batch (fp16/bf16 activations, in_features % 128 == 0 and aligned
 # buffers; otherwise the GEMV to GEMV_CHUNKED_MAX_BATCH, then dequantize + cuBLAS):
-#   m <= 2 with fewer weights than CUDA_GEMV_MAX_WEIGHTS[m]   the fused GEMV (warp per output feature)
+#   m <= 2 with fewer weights than CUDA_GEMV_MAX_WEIGHTS[m] (at batch 1, rows longer than their
+#   count: than CUDA_GEMV_LONG_ROWS_MAX_WEIGHTS)
+#                                 the fused GEMV (warp per output feature; at batch 1 in fp16/bf16 on
+#                                 >= 2^24 weights its pair-table kernel, cuda/linear.cu)
 #   m <= CUDA_GEMM_MAX_BATCH      the fused tensor-core GEMM (stream-K kernel to 16, on sm_90a in its
-#                                 producer-fed form for >= 2^27 weights; above, the Hopper wgmma
-#                                 kernels where gemm_uses_wgmma, else the tiled mma.sync one)
+#                                 producer-fed form; above, the Hopper wgmma kernels where
+#                                 gemm_uses_wgmma, else the tiled mma.sync one)
 #   m <= CUDA_WGMMA_MAX_BATCH     the same GEMM where it runs wgmma (in_features % 256 == 0; past
 #                                 batch 64 its warp-specialized kernel, cuda/gemm_wgmma_ws.cu)
 #   larger                        dequantize into a temporary, then cuBLAS
 # Measured on the H100 (`python -m fp4 bench --kernels`, bf16 nf4, CUDA graphs, weights beyond L2),
-# us for GEMV / GEMM / dequantize+cuBLAS: (28672, 8192) batch 1: 73.0 / 64.8 / 409, batch 4:
-# 150 / 66.4 / 410, batch 64: - / 121 / 412, batch 256: - / 195-208 / 431, batch 512: - / 390-427 /
-# 546-554, batch 1024: - / 702-839 / 847-855; (8192, 8192) batch 1: 25.1 / 25.6, batch 2: 31.6 / 26.0;
-# (4096, 14336) batch 1: 22.1 / 23.9, batch 2: 28.8 / 24.5, batch 256: - / 60-63 / 132, batch 512:
-# - / 101-106 / 149, batch 1024: - / 169-185 / 217; (14336, 4096) batch 256: - / 54-59 / 125, batch
-# 512: - / 105-112 / 160, batch 1024: - / 210-257 / 225 (a tie that moves with the GPU's clocks: the
-# GEMM keeps it, needing no dense temporary); (4096, 4096) batch 1: 9.6 / 12.2, batch 2: 10.9 / 12.0
-# (the GEMM's fixed cost, its finish kernel and a second launch, decides small weights).
-# docs/perf-log.md has the history.
-CUDA_GEMV_MAX_WEIGHTS = {1: 1 << 27, 2: 1 << 25}
+# us for GEMV / GEMM (/ dequantize+cuBLAS), batch 1: (4096, 4096) 7.8 / 10.6, (2048, 4096) 4.8 / 9.8,
+# (11008, 4096) 18.0 / 17.5, (14336, 4096) 22.9 / 19.6, (8192, 8192) 21.6 / 22.0, (4096, 11008) 15.5 /
+# 17.4, (4096, 14336) 18.5 / 20.1, (28672, 8192) 64.6 / 56.1 / 408 (a warp per row: the GEMV keeps
+# weights with fewer rows than columns longer); batch 2: (4096, 4096) 9.9 / 10.9, (2048, 4096) 5.4 /
+# 10.1, (8192, 8192) 33.8 / 22.6, (14336, 4096) 31.1 / 20.4, (4096, 14336) 28.2 / 20.8. Earlier runs (before the pair-table GEMV and the fed kernel's aligned table):
+# (28672, 8192) batch 4: GEMV 150 / GEMM 66.4 / 410, batch 64: - / 121 / 412, batch 256: - / 195-208 /
+# 431, batch 512: - / 390-427 / 546-554, batch 1024: - / 702-839 / 847-855; (4096, 14336) batch 256:
+# - / 60-63 / 132, batch 512: - / 101-106 / 149, batch 1024: - / 169-185 / 217; (14336, 4096) batch
+# 256: - / 54-59 / 125, batch 512: - / 105-112 / 160, batch 1024: - / 210-257 / 225 (a tie that moves
+# with the GPU's clocks: the GEMM keeps it, needing no dense temporary). docs/perf-log.md has the history.
+CUDA_GEMV_MAX_WEIGHTS = {1: 1 << 25, 2: 1 << 25}
+CUDA_GEMV_LONG_ROWS_MAX_WEIGHTS = 1 << 27
 CUDA_GEMV_MAX_BATCH = max(CUDA_GEMV_MAX_WEIGHTS)
 CUDA_GEMM_MAX_BATCH = 64
 CUDA_WGMMA_MAX_BATCH = 1024
@@ -122,7 +127,7 @@ def choose_kernel(x: torch.Tensor, args: KernelArgs, m: int) -> str:
     if x.device.type != "cuda":
         return "gemv"  # the CPU kernel serves every batch
     gemm = gemm_supports(x, args)
-    if m <= CUDA_GEMV_MAX_BATCH and (not gemm or args.out_features * args.in_features < CUDA_GEMV_MAX_WEIGHTS[m]):
+    if m <= CUDA_GEMV_MAX_BATCH and (not gemm or _gemv_beats_gemm(m, args.out_features, args.in_features)):
         return "gemv"
     if gemm:
         if m <= CUDA_GEMM_MAX_BATCH:
@@ -133,6 +138,13 @@ def choose_kernel(x: torch.Tensor, args: KernelArgs, m: int) -> str:
         return "dequantize_matmul"
     # float32 activations or unaligned shapes: the GEMV still beats a dense copy up to its limit.
     return "gemv" if m <= GEMV_CHUNKED_MAX_BATCH else "dequantize_matmul"
+
+
+def _gemv_beats_gemm(m: int, out_features: int, in_features: int) -> bool:
+    """Where the GEMV serves a batch of m <= CUDA_GEMV_MAX_BATCH rows that the GEMM could (measured:
+    the table above)."""
+    limit = CUDA_GEMV_LONG_ROWS_MAX_WEIGHTS if m == 1 and in_features > out_features else CUDA_GEMV_MAX_WEIGHTS[m]
+    return out_features * in_features < limit
 
 
 @functools.lru_cache(maxsize=None)
