@@ -42,7 +42,7 @@ struct StreamConfig {
   // w copying row w, into a ring of its own with kStages - 1 stages of slack between the fastest
   // and slowest warp (every warp reads all of it: read through L1/L2 by each warp, (28672, 8192)
   // took 80.5 us at batch 16, now 68.1). FULL[slot] completes when all threads' copies have landed,
-  // EMPTY[slot] when every warp is done with it.
+  // EMPTY[slot] when every thread is done with it.
   static constexpr bool kSharedX = NT == 2;
   static constexpr int kXSlots = 2 * kStages - 1;
   static constexpr int kXRowBytes = kSpan * kChunk * 2;
@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
   if constexpr (C::kSharedX) {
     if (threadIdx.x == 0)
       for (int s = 0; s < C::kXSlots; ++s)
-        mbarrier_init(x_full + s * 8, C::kThreads), mbarrier_init(x_empty + s * 8, C::kWarps);
+        mbarrier_init(x_full + s * 8, C::kThreads), mbarrier_init(x_empty + s * 8, C::kThreads);
   }
   // (the nested codebook is read from global memory, so after the wait; the table's barrier orders the inits)
   if constexpr (kNested) wait_for_predecessor();
@@ -450,10 +450,10 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
         multiply_half<T, NT, kPostScale>(table, lane_bytes, words, sc, sc_pair, xu, acc);
       }
     }
-    if constexpr (C::kSharedX) {  // this warp is done with the stage's activations
-      __syncwarp();
-      if (lane == 0) mbarrier_arrive(x_empty + x_slot * 8);
-    }
+    // This thread is done with the stage's activations. (Every thread arrives, not one per warp after
+    // a __syncwarp: compute-sanitizer's racecheck does not see a warp's reads as ordered before one
+    // lane's arrival, and reported the slot's next copies as racing them.)
+    if constexpr (C::kSharedX) mbarrier_arrive(x_empty + x_slot * 8);
     // The tile ends here (or the block's range does): store this warp's sums.
     c0 += kSpan;
     if (c0 >= chunks || gs + 1 == end) {
@@ -523,7 +523,7 @@ void launch_stream(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const
 // box in the 128-byte swizzle and one FULL barrier each, so a warp waits only for its own part),
 // their scales (cp.async, into the pair table's spare half rows as above) and for batch 9-16 the
 // activation slice. FULL[slot][part] completes with the box's bytes and the 32 producer lanes'
-// copies, EMPTY[slot] when the 12 consumer warps are done with the slot. 12 consumer warps rather
+// copies, EMPTY[slot] when the 12 consumer warps' threads are done with the slot. 12 consumer warps rather
 // than 16: 13 warps keep 128 registers per thread (17 would leave 96).
 template <int NT>
 struct FedConfig {
@@ -587,7 +587,7 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
   if (threadIdx.x == 0) {
     // (FULL: lane 0's expect_tx arrival + each producer lane's arrival when its copies land)
     for (int s = 0; s < S * C::kParts; ++s) tma::mbarrier_init(full + s, 1 + 32);
-    for (int s = 0; s < S; ++s) tma::mbarrier_init(empty + s, C::kWarps);
+    for (int s = 0; s < S; ++s) tma::mbarrier_init(empty + s, C::kWarps * 32);
     tma::fence_barrier_init();
   }
   __syncthreads();  // the barriers
@@ -706,8 +706,7 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
         multiply_half<T, NT, true, true>(table, lane_window, words, sc, {0, 0}, xu, acc);
       }
     }
-    __syncwarp();
-    if (lane == 0) tma::mbarrier_arrive(empty + slot);
+    tma::mbarrier_arrive(empty + slot);  // (every consumer thread: see the stream kernel's x_empty)
     if (++slot == S) slot = 0, phase ^= 1;
     // The tile ends here (or the block's range does): store this warp's sums.
     c0 += 2;
