@@ -278,10 +278,8 @@ void launch_gemv_pairs(const fp4_exec& exec, const T* x, int64_t k, const uint8_
   const int device = exec.device_index;
   allow_dynamic_smem<kernel>(device, kPairTableBytes);
   // Two blocks per SM where the shared memory holds two tables (sm_80, sm_90), else one.
-  const int per_sm = device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(device, 0) >=
-                             int(2 * (kPairTableBytes + 2048))
-                         ? 2
-                         : 1;
+  const int smem_per_sm = device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(device, 0);
+  const int per_sm = smem_per_sm >= int(2 * (kPairTableBytes + 2048)) ? 2 : 1;
   const int64_t resident = int64_t(sm_count(device)) * per_sm, needed = (n + kPairWarps - 1) / kPairWarps;
   launch_dependent(device, kernel, unsigned(std::min(needed, resident)), kPairWarps * 32, kPairTableBytes,
                    stream_of(exec), "linear_4bit kernel", x, k, packed, scales, n, log2, code, bias, y);

@@ -24,17 +24,18 @@ from .quant_state import QuantState
 #   m <= CUDA_WGMMA_MAX_BATCH     the same GEMM where it runs wgmma (in_features % 256 == 0; past
 #                                 batch 64 its warp-specialized kernel, cuda/gemm_wgmma_ws.cu)
 #   larger                        dequantize into a temporary, then cuBLAS
-# Measured on the H100 (`python -m fp4 bench --kernels`, bf16 nf4, CUDA graphs, weights beyond L2),
-# us for GEMV / GEMM (/ dequantize+cuBLAS), batch 1: (4096, 4096) 7.8 / 10.6, (2048, 4096) 4.8 / 9.8,
+# Measured on the H100 (`python -m fp4 bench --kernels`, bf16 nf4, CUDA graphs, weights beyond L2), us
+# for GEMV / GEMM (/ dequantize+cuBLAS), batch 1: (4096, 4096) 7.8 / 10.6, (2048, 4096) 4.8 / 9.8,
 # (11008, 4096) 18.0 / 17.5, (14336, 4096) 22.9 / 19.6, (8192, 8192) 21.6 / 22.0, (4096, 11008) 15.5 /
 # 17.4, (4096, 14336) 18.5 / 20.1, (28672, 8192) 64.6 / 56.1 / 408 (a warp per row: the GEMV keeps
-# weights with fewer rows than columns longer); batch 2: (4096, 4096) 9.9 / 10.9, (2048, 4096) 5.4 /
-# 10.1, (8192, 8192) 33.8 / 22.6, (14336, 4096) 31.1 / 20.4, (4096, 14336) 28.2 / 20.8. Earlier runs (before the pair-table GEMV and the fed kernel's aligned table):
-# (28672, 8192) batch 4: GEMV 150 / GEMM 66.4 / 410, batch 64: - / 121 / 412, batch 256: - / 195-208 /
-# 431, batch 512: - / 390-427 / 546-554, batch 1024: - / 702-839 / 847-855; (4096, 14336) batch 256:
-# - / 60-63 / 132, batch 512: - / 101-106 / 149, batch 1024: - / 169-185 / 217; (14336, 4096) batch
-# 256: - / 54-59 / 125, batch 512: - / 105-112 / 160, batch 1024: - / 210-257 / 225 (a tie that moves
-# with the GPU's clocks: the GEMM keeps it, needing no dense temporary). docs/perf-log.md has the history.
+# weights with fewer rows than columns to 2^27); batch 2: (4096, 4096) 9.9 / 10.9, (2048, 4096) 5.4 /
+# 10.1, (8192, 8192) 33.8 / 22.6, (14336, 4096) 31.1 / 20.4, (4096, 14336) 28.2 / 20.8. Earlier runs
+# (before the pair-table GEMV and the fed kernel's aligned table): (28672, 8192) batch 4: GEMV 150 /
+# GEMM 66.4 / 410, batch 64: - / 121 / 412, batch 256: - / 195-208 / 431, batch 512: - / 390-427 /
+# 546-554, batch 1024: - / 702-839 / 847-855; (4096, 14336) batch 256: - / 60-63 / 132, batch 512: - /
+# 101-106 / 149, batch 1024: - / 169-185 / 217; (14336, 4096) batch 256: - / 54-59 / 125, batch 512: - /
+# 105-112 / 160, batch 1024: - / 210-257 / 225 (a tie that moves with the GPU's clocks: the GEMM keeps
+# it, needing no dense temporary). docs/perf-log.md has the history.
 CUDA_GEMV_MAX_WEIGHTS = {1: 1 << 25, 2: 1 << 25}
 CUDA_GEMV_LONG_ROWS_MAX_WEIGHTS = 1 << 27
 CUDA_GEMV_MAX_BATCH = max(CUDA_GEMV_MAX_WEIGHTS)
