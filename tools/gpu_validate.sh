@@ -2,7 +2,7 @@
 # The GPU acceptance run: test suite, compute-sanitizer on the CUDA kernel tests, benchmarks (JSON
 # for docs/), and the main job. Each part fits the device tool's 10-minute limit on its own (all
 # together do not): source .device/setup.sh && bash tools/gpu_validate.sh [tests|sanitize|bench|all]
-# TOOLS="memcheck synccheck" (or racecheck) runs only those sanitizers: racecheck alone takes ~300 s.
+# TOOLS="memcheck synccheck" (or racecheck) runs only those sanitizers: racecheck alone takes ~370 s.
 set -o pipefail
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 what=${1:-all}
@@ -27,7 +27,7 @@ if [ "$what" = sanitize ] || [ "$what" = all ]; then
       racecheck) selection="$kernels or (wgmma_gemm_matches and float16 and (65 or 130 or 300))" ;;  # (time)
       synccheck) selection="$warp_specialized" ;;
     esac
-    case $tool in memcheck) limit=100 ;; racecheck) limit=400 ;; synccheck) limit=60 ;; esac  # (racecheck: its whole selection in 295 s on the H100)
+    case $tool in memcheck) limit=150 ;; racecheck) limit=500 ;; synccheck) limit=90 ;; esac  # (racecheck: its whole selection in 363 s on the H100)
     timeout $limit compute-sanitizer --tool $tool --print-limit 200 python -m pytest -q -x -p no:cacheprovider \
       tests/test_cuda_kernels.py tests/test_linear.py -k "$selection" > "$OUT/$tool.log" 2>&1
     [ $? = 124 ] && echo "$tool: TIMED OUT after $limit s: incomplete, not clean (see $OUT/$tool.log)"
