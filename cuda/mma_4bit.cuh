@@ -300,13 +300,10 @@ inline int64_t wave_filling_splits(int64_t tiles, int64_t stages, int64_t capaci
 
 // The grid of the Hopper GEMMs (one block per SM): (batch tiles, feature tiles, k splits). k is
 // split into as many parts as one wave still holds all the blocks, each keeping >= 1024 columns:
-// splits that spill into a second wave buy nothing and add fp32 partial sums. Measured on the H100
-// at batch 64, (28672, 8192) unsplit (112 blocks) 137 us vs 7 splits (99% of a wave) 162 us (the
-// partial sums cost more than idle SMs); (4096, 14336) 7 splits 47 us vs 1: 256 us. The rule
-// before this one split whenever blocks < 80% of the SMs, also past one wave (96 tiles into 192
-// blocks); bf16 nf4, us, it / this: (4096, 4096) batch 600 69.9 / 51.8, 768 75.1 / 51.8; (4096,
-// 14336) 600 183.6 / 160.3, 768 193.5 / 166.9; (20480, 4096) 40 70.8 / 60.3, 64 74.6 / 62.0;
-// (22528, 2048) 40 43.0 / 33.7, 64 46.3 / 34.6; unchanged where both split alike. Sets stages_per_split.
+// splits that spill into a second wave buy nothing and add fp32 partial sums (splitting 96 tiles
+// into 192 blocks cost 15-45%, docs/perf-log.md). Measured on the H100 at batch 64, (28672, 8192)
+// unsplit (112 blocks) 137 us vs 7 splits (99% of a wave) 162 us (the partial sums cost more than
+// idle SMs); (4096, 14336) 7 splits 47 us vs 1: 256 us. Sets stages_per_split.
 inline dim3 one_block_per_sm_grid(int64_t m, int64_t n, int batch_rows, int feature_rows, int64_t stages,
                                   int stage_k, int device, int64_t& stages_per_split) {
   const int64_t batch_tiles = (m + batch_rows - 1) / batch_rows, feature_tiles = (n + feature_rows - 1) / feature_rows;
