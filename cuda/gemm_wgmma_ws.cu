@@ -1,22 +1,26 @@
-// The 4-bit linear layer on Hopper (sm_90a) for batches past 64: a warp-specialized wgmma GEMM,
-// read straight from the bitsandbytes layout. As everywhere the product is computed transposed,
-// y^T = W x^T. One producer warpgroup only copies: the 4-bit weights and their scales (cp.async)
-// and the activations (one TMA copy per stage, in wgmma's 128-byte swizzle). Two consumer
-// warpgroups decode the weights into A fragments (one pair-table load per byte, as in
-// gemm_wgmma.cu) and multiply (m64n256k16, A from registers, B from shared memory), decoding stage i
-// while stage i - 1's multiplies run. Measured before: the producers decoding into a tile in
-// shared memory that wgmma read from there (both operands in shared memory) kept the tensor cores
-// at ~60% — the decode's table loads and tile stores competed with the multiplies' operand reads.
+// The 4-bit linear layer on Hopper (sm_90a) for batches past 64, and for batch 17-64 where its grid
+// fills more SMs than gemm_wgmma.cu's: a warp-specialized wgmma GEMM, read straight from the
+// bitsandbytes layout. As everywhere the product is computed transposed, y^T = W x^T. One producer
+// warpgroup only copies: the 4-bit weights and their scales (cp.async) and the activations (TMA, in
+// wgmma's 128-byte swizzle). Two consumer warpgroups decode the weights into A fragments (one
+// pair-table load per byte, as in gemm_wgmma.cu) and multiply (m64nBNk16, A from registers, B from
+// shared memory), decoding stage i while stage i - 1's multiplies run. Measured before: the
+// producers decoding into a tile in shared memory that wgmma read from there (both operands in
+// shared memory) kept the tensor cores at ~60% — the decode's table loads and tile stores competed
+// with the multiplies' operand reads.
 //
-// A block covers 128 output features x BN batch rows (256, or 128 for batch 65-128), one block
-// per SM, 64 columns of k per stage. Producer thread p copies feature row p's 32 bytes and its
-// scale per stage; its copies complete the slot's mbarrier (cp.async arrivals), and the activation
-// tile's TMA copy a second one, which the consumers wait on (each warpgroup on its own: no barrier
-// couples the two). EMPTY[slot], a named barrier, tells the producers that the multiplies that read
-// a slot are retired. The producers give most of their registers to the consumers (setmaxnreg):
-// BN / 2 accumulators and two stages of fragments per thread. k is split across blockIdx.z only to
-// give most SMs a block (partial sums meet in the fp32 workspace). Measurements and what was
-// tried: docs/perf-log.md.
+// A block covers 128 output features x BN batch rows (256 past batch 128, 128 for 65-128, 64 for
+// 33-64, 32 for 17-32), one block per SM. A stage is kAtoms slices of 64 columns of k (one swizzle
+// atom of activations each): 1 for BN 128 and 256, 2 for the small tiles, whose per-stage work is
+// short enough that the stage's fixed costs (barrier waits, the decode's load-to-use latencies, the
+// wait for the previous multiplies) dominated: 2 atoms ran batch 17-32 ~12% faster (perf log).
+// Producer thread p copies feature row p's 32 bytes and its scale per atom; its copies complete the
+// slot's mbarrier (cp.async arrivals), and the activation tiles' TMA copies a second one, which the
+// consumers wait on (each warpgroup on its own: no barrier couples the two). EMPTY[slot], a named
+// barrier, tells the producers that the multiplies that read a slot are retired. The producers give
+// most of their registers to the consumers (setmaxnreg): BN / 2 accumulators and two stages of
+// fragments per thread. k is split across blockIdx.z only to give most SMs a block (partial sums
+// meet in the fp32 workspace). Measurements and what was tried: docs/perf-log.md.
 #include "build_config.h"
 #include "kernels.hpp"
 #include "mma_4bit.cuh"
@@ -29,27 +33,35 @@
 namespace fp4::cuda {
 namespace {
 
-// BN 256 for batch > 128, BN 128 for batch 65-128 (a half-empty 256-row tile would multiply zeros).
-template <int BN>
+// BN 256 for batch > 128, BN 128 for batch 65-128 (a half-empty 256-row tile would multiply zeros),
+// 64 and 32 below; kAtoms 64-column slices of k per stage.
+template <int BN, int kAtoms>
 struct WsConfig {
   static constexpr int kBatchRows = BN;  // batch rows per block (the m64nBNk16 multiply's N)
   static constexpr int kThreads = 384;   // warpgroup 0 copies, 1 and 2 decode and multiply
   static constexpr int kProducers = 128;
   static constexpr int kTileRows = 128;  // output features per block: one m64 tile per consumer
-  static constexpr int kStageK = 64;     // k columns per stage: one swizzle atom
-  static constexpr int kStages = BN == 256 ? 4 : 6;  // ring slots (as many as shared memory holds)
-  static constexpr size_t kXStageBytes = size_t(kBatchRows) * 128;   // rows of 64 16-bit values
-  static constexpr size_t kWStageBytes = size_t(kTileRows) * 32;     // the 4-bit weights
-  static constexpr size_t kSStageBytes = size_t(kTileRows) * 2 * 4;  // scale words (+ nested group absmax)
+  static constexpr int kStageK = 64 * kAtoms;  // k columns per stage: kAtoms swizzle atoms
+  static constexpr size_t kXAtomBytes = size_t(kBatchRows) * 128;   // rows of 64 16-bit values
+  static constexpr size_t kWAtomBytes = size_t(kTileRows) * 32;     // the 4-bit weights
+  static constexpr size_t kSAtomBytes = size_t(kTileRows) * 2 * 4;  // scale words (+ nested group absmax)
+  static constexpr size_t kXStageBytes = kAtoms * kXAtomBytes, kWStageBytes = kAtoms * kWAtomBytes,
+                          kSStageBytes = kAtoms * kSAtomBytes;
   // Pair-table rows of 128 bytes: one copy per lane, so the lookups never conflict on banks.
   static constexpr size_t kTableBytes = 256 * 128;
+  static constexpr size_t kFixedBytes = 1024 + kTableBytes + kCodeBytes;
+  static constexpr size_t kPerStage = kXStageBytes + kWStageBytes + kSStageBytes + 2 * sizeof(uint64_t);
+  static constexpr size_t kBudget = 227 * 1024;  // (one block per SM)
+  // Ring slots: BN 128 and 256 measured best at 6 and 4 (5 and 8 were slower, perf log), the small
+  // tiles take as many as shared memory holds (BN 64: 7 stages of 128 columns, BN 32: 10).
+  static constexpr int kFit = int((kBudget - kFixedBytes) / kPerStage);
+  static constexpr int kStages = BN == 256 ? 4 : BN == 128 ? 6 : (kFit < 12 ? kFit : 12);
   // Registers per thread after the hand-over (setmaxnreg): the consumers hold BN / 2 accumulators
   // and two stages of A fragments; the producers only addresses. 128 x 40 + 256 x 232 <= 64K.
   static constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
   // (+1024: the rings are aligned to 1024 bytes by hand)
-  static constexpr size_t kSmemBytes = 1024 + kStages * (kXStageBytes + kWStageBytes + kSStageBytes) + kTableBytes +
-                                       kCodeBytes + 2 * kStages * sizeof(uint64_t);
-  static_assert(kSmemBytes <= 227 * 1024, "one block per SM");
+  static constexpr size_t kSmemBytes = kFixedBytes + kStages * kPerStage;
+  static_assert(kSmemBytes <= kBudget, "one block per SM");
   static_assert(1 + kStages <= 16, "named barriers: 0 for __syncthreads, EMPTY per slot");
 };
 
@@ -78,13 +90,13 @@ __device__ __forceinline__ void registers_up() {
 // every 8 swapped so one 16-byte load of 8 rows touches 8 different bank groups.
 __device__ __forceinline__ int weight_piece(int p, int q) { return p * 32 + ((q ^ ((p >> 2) & 1)) << 4); }
 
-template <typename T, int BN, bool kNested>
-__global__ void __launch_bounds__(WsConfig<BN>::kThreads, 1)
+template <typename T, int BN, int kAtoms, bool kNested>
+__global__ void __launch_bounds__(WsConfig<BN, kAtoms>::kThreads, 1)
     gemm_wgmma_ws_kernel(const __grid_constant__ CUtensorMap x_map, int64_t m, int64_t k,
                          const uint8_t* __restrict__ packed, fp4_scales scales, int nested_log2, int64_t n,
                          int blocksize_log2, Code16 code, int64_t stages_per_split, const T* __restrict__ bias,
                          T* __restrict__ y, float* __restrict__ partial) {
-  using C = WsConfig<BN>;
+  using C = WsConfig<BN, kAtoms>;
   constexpr int S = C::kStages;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   extern __shared__ __align__(16) uint8_t smem_raw[];
@@ -122,21 +134,30 @@ __global__ void __launch_bounds__(WsConfig<BN>::kThreads, 1)
     auto issue = [&](int slot, int64_t st) {
       if (st < stage_end) {
 #pragma unroll
-        for (int q = 0; q < 2; ++q)
-          cp_async16(wring + slot * C::kWStageBytes + weight_piece(p, q), weight_src + st * 32 + q * 16);
-        const int64_t block = (row_elem + st * C::kStageK) >> blocksize_log2;
-        uint32_t* const scale_dst = reinterpret_cast<uint32_t*>(sring + slot * C::kSStageBytes) + p;
-        if constexpr (kNested) {
-          cp_async4(scale_dst, scales.nested_codes + (block & ~int64_t(3)));  // (gemm_4bit_wgmma_supports)
-          cp_async4(scale_dst + C::kProducers,
-                    scales.absmax + (nested_log2 >= 0 ? block >> nested_log2 : block / scales.nested_blocksize));
-        } else {
-          cp_async4(scale_dst, scales.absmax + block);
+        for (int a = 0; a < kAtoms; ++a) {
+          const int64_t atom = st * kAtoms + a;  // (64 columns each)
+#pragma unroll
+          for (int q = 0; q < 2; ++q)
+            cp_async16(wring + slot * C::kWStageBytes + a * C::kWAtomBytes + weight_piece(p, q),
+                       weight_src + atom * 32 + q * 16);
+          const int64_t block = (row_elem + atom * 64) >> blocksize_log2;
+          uint32_t* const scale_dst =
+              reinterpret_cast<uint32_t*>(sring + slot * C::kSStageBytes + a * C::kSAtomBytes) + p;
+          if constexpr (kNested) {
+            cp_async4(scale_dst, scales.nested_codes + (block & ~int64_t(3)));  // (gemm_4bit_wgmma_supports)
+            cp_async4(scale_dst + C::kProducers,
+                      scales.absmax + (nested_log2 >= 0 ? block >> nested_log2 : block / scales.nested_blocksize));
+          } else {
+            cp_async4(scale_dst, scales.absmax + block);
+          }
         }
         tma::mbarrier_arrive_on_copies(w_arrived + slot);
         if (p == 0) {
           tma::mbarrier_expect(x_arrived + slot, uint32_t(C::kXStageBytes));
-          tma::load_2d(xring + slot * C::kXStageBytes, &x_map, int(st * C::kStageK), int(batch0), x_arrived + slot);
+#pragma unroll
+          for (int a = 0; a < kAtoms; ++a)
+            tma::load_2d(xring + slot * C::kXStageBytes + a * C::kXAtomBytes, &x_map, int((st * kAtoms + a) * 64),
+                         int(batch0), x_arrived + slot);
         }
       }
     };
@@ -170,22 +191,23 @@ __global__ void __launch_bounds__(WsConfig<BN>::kThreads, 1)
   const uint32_t pair_select = 0x5504u | (uint32_t(t) << 4);
   const uint32_t lane_x8 = uint32_t(lane) * 8;
 
-  // Stage st's A fragments (ring slot `slot`) for the 4 k16 steps.
-  auto decode = [&](uint32_t (&a)[4][4], int slot, int64_t st) {
+  // Atom `atom` of stage st's A fragments (ring slot `slot`) for its 4 k16 steps.
+  auto decode = [&](uint32_t (&a)[4][4], int slot, int64_t st, int atom) {
     uint32_t words[2][8];
     uint32_t scale_pair[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = warp_row + 8 * r + g;
-      const uint8_t* const w = wring + slot * C::kWStageBytes;
+      const uint8_t* const w = wring + slot * C::kWStageBytes + atom * C::kWAtomBytes;
       const uint4 lo = *reinterpret_cast<const uint4*>(w + weight_piece(row, 0));
       const uint4 hi = *reinterpret_cast<const uint4*>(w + weight_piece(row, 1));
       words[r][0] = lo.x, words[r][1] = lo.y, words[r][2] = lo.z, words[r][3] = lo.w;
       words[r][4] = hi.x, words[r][5] = hi.y, words[r][6] = hi.z, words[r][7] = hi.w;
-      const uint32_t* const sc = reinterpret_cast<const uint32_t*>(sring + slot * C::kSStageBytes) + row;
+      const uint32_t* const sc =
+          reinterpret_cast<const uint32_t*>(sring + slot * C::kSStageBytes + atom * C::kSAtomBytes) + row;
       float scale = __uint_as_float(sc[0]);
       if constexpr (kNested) {
-        const int64_t block = (row_elem[r] + st * C::kStageK) >> blocksize_log2;
+        const int64_t block = (row_elem[r] + (st * kAtoms + atom) * 64) >> blocksize_log2;
         scale = nested_scale(codes + 16, (sc[0] >> (8 * (block & 3))) & 0xffu, __uint_as_float(sc[C::kProducers]),
                              nested_offset);
       }
@@ -198,24 +220,29 @@ __global__ void __launch_bounds__(WsConfig<BN>::kThreads, 1)
   float acc[BN / 2];
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
-  uint32_t frag[2][4][4];  // A fragments of two stages: one decoded while the other's multiplies run
+  uint32_t frag[2][kAtoms][4][4];  // A fragments of two stages: one decoded while the other's multiplies run
   // Stage i (ring slot `slot`, fragments frag[buf]): decode it while stage i - 1 multiplies, queue
   // its multiplies, then retire stage i - 1's and free its slot.
   auto step = [&](int i, int slot, auto buf) {
     constexpr int b = decltype(buf)::value;
     tma::mbarrier_wait(w_arrived + slot, uint32_t(i / S) & 1);
     tma::mbarrier_wait(x_arrived + slot, uint32_t(i / S) & 1);
-    decode(frag[b], slot, stage_begin + i);
-    const uint64_t desc_b = wgmma::smem_desc_sw128(xring + slot * C::kXStageBytes);
+#pragma unroll
+    for (int a = 0; a < kAtoms; ++a) decode(frag[b][a], slot, stage_begin + i, a);
     wgmma::fence();
     wgmma::pin(acc);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) wgmma::Mma<BN, kBf16>::run(acc, frag[b][j], desc_b + 2 * j);
+    for (int a = 0; a < kAtoms; ++a) {
+      const uint64_t desc_b = wgmma::smem_desc_sw128(xring + slot * C::kXStageBytes + a * C::kXAtomBytes);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) wgmma::Mma<BN, kBf16>::run(acc, frag[b][a][j], desc_b + 2 * j);
+    }
     wgmma::commit();
     wgmma::pin(acc);
     wgmma::wait<1>();
     wgmma::pin(acc);
-    wgmma::keep(frag[1 - b]);  // (stage i - 1's group is retired)
+#pragma unroll
+    for (int a = 0; a < kAtoms; ++a) wgmma::keep(frag[1 - b][a]);  // (stage i - 1's group is retired)
     if (i >= 1 && i - 1 + S < stages) barrier_arrive(kEmpty + (slot == 0 ? S - 1 : slot - 1));
   };
   // (stages is even: see launch. A conditional second step would merge two versions of the
@@ -229,8 +256,8 @@ __global__ void __launch_bounds__(WsConfig<BN>::kThreads, 1)
   }
   wgmma::wait<0>();
   wgmma::pin(acc);
-  wgmma::keep(frag[0]);
-  wgmma::keep(frag[1]);
+#pragma unroll
+  for (int a = 0; a < kAtoms; ++a) wgmma::keep(frag[0][a]), wgmma::keep(frag[1][a]);
 
   wgmma::store_accumulators(acc, tile_row0 + warp_row, batch0, m, n, bias, y, partial);
 }
@@ -244,20 +271,30 @@ CUtensorMap activation_map(const void* x, fp4_dtype dtype, int64_t m, int64_t k,
                      k * 2, 64, box_rows, CU_TENSOR_MAP_SWIZZLE_128B, "x");
 }
 
-template <typename T, int BN, bool kNested>
-void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales,
-            int64_t n, int blocksize_log2, const Code16& code, const T* bias, T* y, float* workspace) {
-  using C = WsConfig<BN>;
-  constexpr auto kernel = gemm_wgmma_ws_kernel<T, BN, kNested>;
-  allow_dynamic_smem<kernel>(exec.device_index, C::kSmemBytes);
-  // (batch tiles vary fastest: the blocks that share a weight tile run together and read it once)
-  int64_t per_split = 0;
-  const int64_t stages = k / C::kStageK;  // (even: gemm_4bit_wgmma_supports asks k % 128 == 0)
-  dim3 grid = one_block_per_sm_grid(m, n, BN, C::kTileRows, stages, C::kStageK, exec.device_index, per_split);
-  // The kernel takes its stages in pairs (one per fragment buffer): every split's count is even.
+// Atoms per stage of the small batch tiles (BN 32 and 64).
+constexpr int kSmallAtoms = 2;
+
+// The grid for batch m (batch tiles vary fastest: the blocks that share a weight tile run together
+// and read it once). The kernel takes its stages in pairs (one per fragment buffer), so every
+// split's count is even; k % (2 * C::kStageK) == 0 (checked by the callers).
+template <typename C>
+dim3 ws_grid(int64_t m, int64_t n, int64_t k, int device, int64_t& per_split) {
+  const int64_t stages = k / C::kStageK;
+  dim3 grid = one_block_per_sm_grid(m, n, C::kBatchRows, C::kTileRows, stages, C::kStageK, device, per_split);
   per_split += per_split % 2;
   grid.z = unsigned((stages + per_split - 1) / per_split);
-  if (stages % 2 != 0) fail(FP4_ERROR_INTERNAL, "gemm_4bit warp-specialized kernel: k % 128 != 0");
+  return grid;
+}
+
+template <typename T, int BN, int kAtoms, bool kNested>
+void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales,
+            int64_t n, int blocksize_log2, const Code16& code, const T* bias, T* y, float* workspace) {
+  using C = WsConfig<BN, kAtoms>;
+  constexpr auto kernel = gemm_wgmma_ws_kernel<T, BN, kAtoms, kNested>;
+  allow_dynamic_smem<kernel>(exec.device_index, C::kSmemBytes);
+  if (k % (2 * C::kStageK) != 0) fail(FP4_ERROR_INTERNAL, "gemm_4bit warp-specialized kernel: k % (2 stages) != 0");
+  int64_t per_split = 0;
+  const dim3 grid = ws_grid<C>(m, n, k, exec.device_index, per_split);
   const CUtensorMap x_map = activation_map(x, std::is_same_v<T, __half> ? FP4_FLOAT16 : FP4_BFLOAT16, m, k, BN);
   cudaStream_t stream = stream_of(exec);
   with_partial_sums(grid.z > 1, workspace, m, n, bias, y, stream, [&](float* partial) {
@@ -269,20 +306,36 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
 
 }  // namespace
 
+int64_t gemm_4bit_wgmma_ws_small_blocks(int device, int64_t m, int64_t n, int64_t k) {
+  using C = WsConfig<64, kSmallAtoms>;  // (BN 32 has the same stages and feature tiles)
+  if (m < 1 || m > 64 || k % (2 * C::kStageK) != 0) return 0;
+  int64_t per_split = 0;
+  const dim3 grid = m <= 32 ? ws_grid<WsConfig<32, kSmallAtoms>>(m, n, k, device, per_split)
+                            : ws_grid<C>(m, n, k, device, per_split);
+  return int64_t(grid.x) * grid.y * grid.z;
+}
+
 void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m,
                         int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize,
                         const void* bias, void* y, float* workspace) {
   const int log2 = log2_of(blocksize);
-  // (the batch tile: 128 rows to batch 128, else 256; scales are read one by one: `paired` unused)
-  dispatch_variant<128, 256>(
-      dtype, m, 128, scales, blocksize,
-      [&](auto* tag, auto bn, auto nested, auto /*paired*/) {
-        using T = std::remove_pointer_t<decltype(tag)>;
-        launch<T, decltype(bn)::value, decltype(nested)::value>(exec, static_cast<const T*>(x), m, k, packed, scales, n,
-                                                                log2, code, static_cast<const T*>(bias),
-                                                                static_cast<T*>(y), workspace);
-      },
-      false);
+  // The batch tile: 32 rows to batch 32, 64 to 64 (2 atoms per stage), 128 to 128, else 256 (1 atom).
+  // Scales are read one by one: `paired` unused.
+  auto run = [&](auto* tag, auto bn, auto nested, auto atoms) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    launch<T, decltype(bn)::value, decltype(atoms)::value, decltype(nested)::value>(
+        exec, static_cast<const T*>(x), m, k, packed, scales, n, log2, code, static_cast<const T*>(bias),
+        static_cast<T*>(y), workspace);
+  };
+  if (m <= 64)
+    dispatch_variant<32, 64>(
+        dtype, m, 32, scales, blocksize,
+        [&](auto* tag, auto bn, auto nested, auto) { run(tag, bn, nested, std::integral_constant<int, kSmallAtoms>()); },
+        false);
+  else
+    dispatch_variant<128, 256>(
+        dtype, m, 128, scales, blocksize,
+        [&](auto* tag, auto bn, auto nested, auto) { run(tag, bn, nested, std::integral_constant<int, 1>()); }, false);
 }
 
 }  // namespace fp4::cuda

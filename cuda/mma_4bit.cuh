@@ -345,9 +345,12 @@ bool gemm_4bit_wgmma_supports(int64_t n, int64_t k, int64_t blocksize, const fp4
 void gemm_4bit_wgmma(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m, int64_t k,
                      const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
                      void* y, float* workspace);
-// Its warp-specialized form for batch > 128 (gemm_wgmma_ws.cu), called by gemm_4bit_wgmma.
+// Its warp-specialized form (gemm_wgmma_ws.cu), called by gemm_4bit_wgmma past batch 64 and where
+// it fills more SMs below.
 void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m,
                         int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize,
                         const void* bias, void* y, float* workspace);
+// The blocks it launches for batch m of 17-64 on `device` (0 where it cannot: k % 256 != 0).
+int64_t gemm_4bit_wgmma_ws_small_blocks(int device, int64_t m, int64_t n, int64_t k);
 
 }  // namespace fp4::cuda

@@ -54,16 +54,24 @@ def test_wgmma_is_reported_exactly_where_it_can_run():
     assert WGMMA == (built and torch.cuda.get_device_capability(0) == (9, 0))
 
 
+# Batch 17-64 runs on either Hopper kernel (FP4_CUDA_WS_SMALL: "1" the warp-specialized one, "0"
+# the register-operand one); larger batches on the warp-specialized one only.
+_WGMMA_BATCHES = [(batch, kernel) for batch in (17, 32, 40, 64) for kernel in ("1", "0")] + [
+    (batch, "") for batch in (65, 128, 130, 257, 300)]
+
+
 @pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("batch", [17, 32, 40, 64, 65, 128, 130, 257, 300])
+@pytest.mark.parametrize("batch,small_kernel", _WGMMA_BATCHES,
+                         ids=[f"{b}-{ {'1': 'ws', '0': 'register', '': 'default'}[s]}" for b, s in _WGMMA_BATCHES])
 @pytest.mark.parametrize("quant_type,double_quant,blocksize", [("nf4", False, 64), ("fp4", True, 64),
                                                                ("nf4", True, 128), ("fp4", False, 1024)])
-def test_wgmma_gemm_matches_reference(dtype, batch, quant_type, double_quant, blocksize):
+def test_wgmma_gemm_matches_reference(monkeypatch, dtype, batch, small_kernel, quant_type, double_quant, blocksize):
     """The Hopper kernels (batch > 16, in_features % 256 == 0): both batch tiles of the register-
-    operand kernel (32 / 64) and of the warp-specialized one past 64 (128 rows: 65, 128; 256 rows:
-    130, a 257th row alone in its tile, 300), partial feature tiles (400 = 3 x 128 + 16), k split
-    across blocks."""
+    operand kernel (32 / 64), all four of the warp-specialized one (32 / 64 rows with two 64-column
+    slices per stage: 17-64; 128 rows: 65, 128; 256 rows: 130, a 257th row alone in its tile, 300),
+    partial feature tiles (400 = 3 x 128 + 16), k split across blocks."""
+    monkeypatch.setenv("FP4_CUDA_WS_SMALL", small_kernel)
     layer = _layer(400, 1280, dtype, quant_type, double_quant, blocksize)
     _check(layer, torch.randn(batch, 1280, device="cuda", dtype=dtype), "gemm")
 
@@ -254,6 +262,29 @@ def test_fed_stream_switch_picks_the_kernel(monkeypatch):
         names = _cuda_kernel_names(lambda: ops.linear_4bit_prepared(x, args, kernel="gemm"))
         assert "gemm_stream" in names
         assert ("gemm_stream_fed_kernel" in names) == fed, (blocksize, setting, names)
+
+
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+def test_batch_17_to_64_kernel_choice(monkeypatch):
+    """Batch 17-64 takes the warp-specialized kernel where its grid (128-feature tiles) is one wave
+    with at least as many blocks as the register-operand kernel's (256-feature tiles), and k % 256 ==
+    0; FP4_CUDA_WS_SMALL=1 / 0 force it on (only where k allows) / off."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    wide = 128 * (sms + 4)  # more 128-feature tiles than SMs: two waves
+    for out_features, in_features, setting, warp_specialized in (
+            (400, 1280, "", True),      # 4 blocks vs 2 (neither splits k: 1280 columns)
+            (400, 1280, "0", False),
+            (wide, 256, "", False),
+            (wide, 256, "1", True),
+            (400, 1152, "1", False)):   # k % 256 != 0
+        monkeypatch.setenv("FP4_CUDA_WS_SMALL", setting)
+        layer = _layer(out_features, in_features, torch.bfloat16)
+        x = torch.randn(40, in_features, device="cuda", dtype=torch.bfloat16)
+        args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+        names = _cuda_kernel_names(lambda: ops.linear_4bit_prepared(x, args, kernel="gemm"))
+        assert ("gemm_wgmma_ws_kernel" in names) == warp_specialized, (out_features, in_features, setting, names)
+        assert ("gemm_wgmma_kernel" in names) != warp_specialized, (out_features, in_features, setting, names)
+        _check(layer, x, "gemm")
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])

@@ -19,7 +19,7 @@ if [ "$what" = sanitize ] || [ "$what" = all ]; then
     wgmma_nested or (cuda and forward and float16) or \
     (stream_forms_match and float16) or whole_tiles or chained_layers or two_rows_per_warp or \
     (gemv_pair_table and not where_chosen)"
-  warp_specialized="(wgmma_gemm_matches and float16 and (65 or 128 or 130 or 257 or 300)) or identical_bits or \
+  warp_specialized="(wgmma_gemm_matches and float16 and (65 or 128 or 130 or 257 or 300 or ws)) or identical_bits or \
     stream_forms_match"
   for tool in ${TOOLS:-memcheck racecheck synccheck}; do
     case $tool in
