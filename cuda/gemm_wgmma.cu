@@ -1,5 +1,5 @@
-// The 4-bit linear layer on Hopper warpgroup MMA (sm_90a) for batch 17-64 where its grid fills more
-// SMs than gemm_wgmma_ws.cu's (which takes larger batches), read straight from the bitsandbytes
+// The 4-bit linear layer on Hopper warpgroup MMA (sm_90a) for batch 17-64 where k % 256 != 0 (the
+// warp-specialized kernel, gemm_wgmma_ws.cu, takes the rest), read straight from the bitsandbytes
 // layout. As in mma_4bit.cuh the product is computed transposed, y^T = W x^T: the decoded weight is
 // wgmma's A operand, taken from registers, and the activations its B operand, taken from shared
 // memory (wgmma.cuh). Unlike the mma.sync kernels the k order is the natural one: the activations
@@ -319,23 +319,15 @@ bool probe_sm90a() {
   return result == 1;
 }
 
-// Batch 17-64: the warp-specialized kernel (128-feature tiles, 128 columns of k per stage) where its
-// grid is one wave that puts at least as many SMs to work as this kernel's 256-feature tiles (on a
-// tie it wins: its stages run faster). H100 bf16 nf4, us, this kernel / that one, batch 17 / 64:
-// (4096, 4096) 18.9 / 14.2, 22.9 / 17.0 (64 vs 128 blocks); (14336, 4096) 33.8 / 30.4, 42.9 / 36.4
-// (112 blocks each); (4096, 14336) 34.3 / 31.9, 40.1 / 36.7; (2048, 2048) 18.0 / 12.0 — while
-// (28672, 8192) (224 tiles: two waves) 100.0 / 107.6 and (11008, 4096) (129 vs 86 blocks) 26.9 /
-// 29.4 keep this one. FP4_CUDA_WS_SMALL=1 / 0 forces it on (where k allows) / off.
-bool small_batch_goes_warp_specialized(int device, int64_t m, int64_t n, int64_t k) {
-  const int64_t blocks = gemm_4bit_wgmma_ws_small_blocks(device, m, n, k);
-  if (blocks == 0) return false;
+// Batch 17-64: the warp-specialized kernel wherever it can run (k % 256 == 0), this one elsewhere.
+// H100 bf16 nf4, us, this kernel (forced by FP4_CUDA_WS_SMALL=0) / that one, batch 17 / 64:
+// (28672, 8192) 104.1 / 78.9, 121.6 / 94.7; (14336, 4096) 36.5 / 25.3, 43.6 / 28.1; (4096, 14336)
+// 34.4 / 24.9, 40.9 / 29.4; (4096, 4096) 19.1 / 12.7, 24.0 / 16.0; (11008, 4096) 27.4 / 22.2,
+// 33.4 / 26.4; (8192, 8192) 35.9 / 27.8, 42.3 / 32.9.
+bool small_batch_goes_warp_specialized(int64_t k) {
+  if (!gemm_4bit_wgmma_ws_takes_small_batch(k)) return false;
   const char* forced = std::getenv("FP4_CUDA_WS_SMALL");
-  if (forced != nullptr && forced[0] != '\0') return forced[0] == '1';
-  using C = WgmmaConfig<64>;  // (BN 32 has the same feature tiles and stages)
-  int64_t per_split = 0;
-  const dim3 own = one_block_per_sm_grid(m, n, m <= 32 ? 32 : 64, C::kTileRows, k / C::kStageK, C::kStageK, device,
-                                         per_split);
-  return blocks <= sm_count(device) && blocks >= int64_t(own.x) * own.y * own.z;
+  return forced == nullptr || forced[0] != '0';
 }
 
 }  // namespace
@@ -376,7 +368,7 @@ void gemm_4bit_wgmma(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, 
   // two m64 tiles per warpgroup / that one with 128-row batch tiles: batch 128 on (28672, 8192)
   // 173.5 / 157.1, (14336, 4096) 61.1 / 42.3, (4096, 14336) 57.6 / 45.4, (4096, 4096) 33.1 / 21.8;
   // batch 80 on (28672, 8192) ~171 / 151.5), and below where it puts more SMs to work.
-  if (m > 64 || small_batch_goes_warp_specialized(exec.device_index, m, n, k))
+  if (m > 64 || small_batch_goes_warp_specialized(k))
     return gemm_4bit_wgmma_ws(exec, code, dtype, x, m, k, packed, scales, n, blocksize, bias, y, workspace);
   const int log2 = log2_of(blocksize);
   // (the batch tile: 32 rows to batch 32, else 64; scales are read one by one: `paired` unused)

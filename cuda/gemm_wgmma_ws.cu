@@ -1,26 +1,27 @@
-// The 4-bit linear layer on Hopper (sm_90a) for batches past 64, and for batch 17-64 where its grid
-// fills more SMs than gemm_wgmma.cu's: a warp-specialized wgmma GEMM, read straight from the
+// The 4-bit linear layer on Hopper (sm_90a) for batch > 16 (gemm_wgmma.cu's kernel takes batch
+// 17-64 only where k % 256 != 0): a warp-specialized wgmma GEMM, read straight from the
 // bitsandbytes layout. As everywhere the product is computed transposed, y^T = W x^T. One producer
-// warpgroup only copies: the 4-bit weights and their scales (cp.async) and the activations (TMA, in
-// wgmma's 128-byte swizzle). Two consumer warpgroups decode the weights into A fragments (one
-// pair-table load per byte, as in gemm_wgmma.cu) and multiply (m64nBNk16, A from registers, B from
-// shared memory), decoding stage i while stage i - 1's multiplies run. Measured before: the
-// producers decoding into a tile in shared memory that wgmma read from there (both operands in
-// shared memory) kept the tensor cores at ~60% — the decode's table loads and tile stores competed
-// with the multiplies' operand reads.
+// warpgroup only copies: the 4-bit weights and the activations by TMA (one box of weights and one
+// of activations per 64 columns per stage), the scales by cp.async. Two consumer warpgroups decode
+// the weights into A fragments (one pair-table load per byte, as in gemm_wgmma.cu) and multiply
+// (m64nBNk16, A from registers, B from shared memory), decoding stage i while stage i - 1's
+// multiplies run. Measured before: the producers decoding into a tile in shared memory that wgmma
+// read from there (both operands in shared memory) kept the tensor cores at ~60% — the decode's
+// table loads and tile stores competed with the multiplies' operand reads.
 //
 // A block covers 128 output features x BN batch rows (256 past batch 128, 128 for 65-128, 64 for
 // 33-64, 32 for 17-32), one block per SM. A stage is kAtoms slices of 64 columns of k (one swizzle
-// atom of activations each): 1 for BN 128 and 256, 2 for the small tiles, whose per-stage work is
-// short enough that the stage's fixed costs (barrier waits, the decode's load-to-use latencies, the
-// wait for the previous multiplies) dominated: 2 atoms ran batch 17-32 ~12% faster (perf log).
-// Producer thread p copies feature row p's 32 bytes and its scale per atom; its copies complete the
-// slot's mbarrier (cp.async arrivals), and the activation tiles' TMA copies a second one, which the
-// consumers wait on (each warpgroup on its own: no barrier couples the two). EMPTY[slot], a named
-// barrier, tells the producers that the multiplies that read a slot are retired. The producers give
-// most of their registers to the consumers (setmaxnreg): BN / 2 accumulators and two stages of
-// fragments per thread. k is split across blockIdx.z only to give most SMs a block (partial sums
-// meet in the fp32 workspace). Measurements and what was tried: docs/perf-log.md.
+// atom of activations each): 2 for the tiles of batch <= 128 (k % 256 == 0), 1 for BN 256. Below
+// batch 256 shared memory bounds a stage, not the multiplies: ncu at batch 64 counted each 16-byte
+// cp.async of weights (rows 2-4 KB apart) as its own wavefront, 45% of the block's, which the TMA
+// box replaced; two atoms halve the per-stage waits and give the box 64-byte rows (perf log).
+// The producers' scale copies complete the slot's first mbarrier (cp.async arrivals), the TMA boxes
+// a second one; the consumers wait on both (each warpgroup on its own: no barrier couples the
+// two). EMPTY[slot], a named barrier, tells the producers that the multiplies that read a slot are
+// retired. The producers give most of their registers to the consumers (setmaxnreg): BN / 2
+// accumulators and two stages of fragments per thread. k is split across blockIdx.z only to give
+// most SMs a block (partial sums meet in the fp32 workspace). Measurements and what was tried:
+// docs/perf-log.md.
 #include "build_config.h"
 #include "kernels.hpp"
 #include "mma_4bit.cuh"
@@ -34,7 +35,7 @@ namespace fp4::cuda {
 namespace {
 
 // BN 256 for batch > 128, BN 128 for batch 65-128 (a half-empty 256-row tile would multiply zeros),
-// 64 and 32 below; kAtoms 64-column slices of k per stage.
+// 64 and 32 below; kAtoms 64-column slices of k per stage (2 fit a stage beside BN <= 128 only).
 template <int BN, int kAtoms>
 struct WsConfig {
   static constexpr int kBatchRows = BN;  // batch rows per block (the m64nBNk16 multiply's N)
@@ -42,20 +43,20 @@ struct WsConfig {
   static constexpr int kProducers = 128;
   static constexpr int kTileRows = 128;  // output features per block: one m64 tile per consumer
   static constexpr int kStageK = 64 * kAtoms;  // k columns per stage: kAtoms swizzle atoms
-  static constexpr size_t kXAtomBytes = size_t(kBatchRows) * 128;   // rows of 64 16-bit values
-  static constexpr size_t kWAtomBytes = size_t(kTileRows) * 32;     // the 4-bit weights
-  static constexpr size_t kSAtomBytes = size_t(kTileRows) * 2 * 4;  // scale words (+ nested group absmax)
-  static constexpr size_t kXStageBytes = kAtoms * kXAtomBytes, kWStageBytes = kAtoms * kWAtomBytes,
-                          kSStageBytes = kAtoms * kSAtomBytes;
+  static constexpr int kRowBytes = 32 * kAtoms;  // a weight row's bytes per stage
+  static constexpr size_t kXAtomBytes = size_t(kBatchRows) * 128;                 // rows of 64 16-bit values
+  static constexpr size_t kXStageBytes = kAtoms * kXAtomBytes;
+  static constexpr size_t kWStageBytes = size_t(kTileRows) * kRowBytes;           // the 4-bit weights: one box
+  static constexpr size_t kSStageBytes = size_t(kTileRows) * 2 * 4 * kAtoms;      // scale words, nested group absmax
   // Pair-table rows of 128 bytes: one copy per lane, so the lookups never conflict on banks.
   static constexpr size_t kTableBytes = 256 * 128;
   static constexpr size_t kFixedBytes = 1024 + kTableBytes + kCodeBytes;
   static constexpr size_t kPerStage = kXStageBytes + kWStageBytes + kSStageBytes + 2 * sizeof(uint64_t);
   static constexpr size_t kBudget = 227 * 1024;  // (one block per SM)
-  // Ring slots: BN 128 and 256 measured best at 6 and 4 (5 and 8 were slower, perf log), the small
-  // tiles take as many as shared memory holds (BN 64: 7 stages of 128 columns, BN 32: 10).
+  // Ring slots: BN 256 measured best at 4 and BN 128 of one atom at 6 (5 and 8 were slower, perf
+  // log); two atoms take as many as shared memory holds (BN 128: 4, BN 64: 7, BN 32: 10).
   static constexpr int kFit = int((kBudget - kFixedBytes) / kPerStage);
-  static constexpr int kStages = BN == 256 ? 4 : BN == 128 ? 6 : (kFit < 12 ? kFit : 12);
+  static constexpr int kStages = BN == 256 ? 4 : (BN == 128 && kAtoms == 1) ? 6 : (kFit < 12 ? kFit : 12);
   // Registers per thread after the hand-over (setmaxnreg): the consumers hold BN / 2 accumulators
   // and two stages of A fragments; the producers only addresses. 128 x 40 + 256 x 232 <= 64K.
   static constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
@@ -86,13 +87,18 @@ __device__ __forceinline__ void registers_up() {
   FP4_SM90_ONLY(asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kRegisters)));
 }
 
-// The 16-byte piece q of weight row p in a ring slot: rows of 32 bytes, the pieces of rows 4-7 of
-// every 8 swapped so one 16-byte load of 8 rows touches 8 different bank groups.
-__device__ __forceinline__ int weight_piece(int p, int q) { return p * 32 + ((q ^ ((p >> 2) & 1)) << 4); }
+// Where 16-byte piece q of weight row r lies in a ring slot: rows of kRowBytes (32 or 64) as the TMA
+// copy's swizzle of that span stores them (piece q at q ^ address bits 7 on), so one 16-byte load of
+// 8 consecutive rows touches 8 different bank groups.
+template <int kRowBytes>
+__device__ __forceinline__ int weight_piece(int r, int q) {
+  return r * kRowBytes + ((q ^ ((r * kRowBytes >> 7) & (kRowBytes / 16 - 1))) << 4);
+}
 
-template <typename T, int BN, int kAtoms, bool kNested>
+template <typename T, int BN, int kAtoms, bool kNested, bool kPairedScales>
 __global__ void __launch_bounds__(WsConfig<BN, kAtoms>::kThreads, 1)
-    gemm_wgmma_ws_kernel(const __grid_constant__ CUtensorMap x_map, int64_t m, int64_t k,
+    gemm_wgmma_ws_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
+                         int64_t m, int64_t k,
                          const uint8_t* __restrict__ packed, fp4_scales scales, int nested_log2, int64_t n,
                          int blocksize_log2, Code16 code, int64_t stages_per_split, const T* __restrict__ bias,
                          T* __restrict__ y, float* __restrict__ partial) {
@@ -125,39 +131,40 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms>::kThreads, 1)
 
   if (threadIdx.x < C::kProducers) {
     registers_down<C::kProducerRegisters>();
-    // Thread p copies weight row p of the tile and its scale (rows past n read row n - 1; the
-    // consumers give them scale 0); thread 0 also the activation tile, by TMA.
+    // Thread p copies the scales of weight row p of the tile (rows past n read row n - 1's; the
+    // consumers give them scale 0); thread 0 also the stage's weight box and activation tiles, by TMA.
     const int p = threadIdx.x;
     const int64_t row_elem = min(tile_row0 + p, n - 1) * k;
-    const uint8_t* const weight_src = packed + row_elem / 2;
     // Request stage st into ring slot `slot` (nothing past the end).
     auto issue = [&](int slot, int64_t st) {
       if (st < stage_end) {
+        // Scale words of row p, atom a at [p][a] (nested group absmax kProducers * kAtoms words on).
+        uint32_t* const scale_dst = reinterpret_cast<uint32_t*>(sring + slot * C::kSStageBytes) + p * kAtoms;
+        if constexpr (kPairedScales) {  // (blocksize 64, plain absmax: the stage's two, 8 aligned bytes)
+          cp_async8(scale_dst, scales.absmax + ((row_elem + st * C::kStageK) >> 6));
+        } else {
 #pragma unroll
-        for (int a = 0; a < kAtoms; ++a) {
-          const int64_t atom = st * kAtoms + a;  // (64 columns each)
-#pragma unroll
-          for (int q = 0; q < 2; ++q)
-            cp_async16(wring + slot * C::kWStageBytes + a * C::kWAtomBytes + weight_piece(p, q),
-                       weight_src + atom * 32 + q * 16);
-          const int64_t block = (row_elem + atom * 64) >> blocksize_log2;
-          uint32_t* const scale_dst =
-              reinterpret_cast<uint32_t*>(sring + slot * C::kSStageBytes + a * C::kSAtomBytes) + p;
-          if constexpr (kNested) {
-            cp_async4(scale_dst, scales.nested_codes + (block & ~int64_t(3)));  // (gemm_4bit_wgmma_supports)
-            cp_async4(scale_dst + C::kProducers,
-                      scales.absmax + (nested_log2 >= 0 ? block >> nested_log2 : block / scales.nested_blocksize));
-          } else {
-            cp_async4(scale_dst, scales.absmax + block);
+          for (int a = 0; a < kAtoms; ++a) {
+            const int64_t block = (row_elem + (st * kAtoms + a) * 64) >> blocksize_log2;
+            if constexpr (kNested) {
+              cp_async4(scale_dst + a, scales.nested_codes + (block & ~int64_t(3)));  // (gemm_4bit_wgmma_supports)
+              cp_async4(scale_dst + C::kProducers * kAtoms + a,
+                        scales.absmax + (nested_log2 >= 0 ? block >> nested_log2 : block / scales.nested_blocksize));
+            } else {
+              cp_async4(scale_dst + a, scales.absmax + block);
+            }
           }
         }
         tma::mbarrier_arrive_on_copies(w_arrived + slot);
         if (p == 0) {
-          tma::mbarrier_expect(x_arrived + slot, uint32_t(C::kXStageBytes));
+          tma::mbarrier_expect(x_arrived + slot, uint32_t(C::kXStageBytes + C::kWStageBytes));
 #pragma unroll
           for (int a = 0; a < kAtoms; ++a)
             tma::load_2d(xring + slot * C::kXStageBytes + a * C::kXAtomBytes, &x_map, int((st * kAtoms + a) * 64),
                          int(batch0), x_arrived + slot);
+          // (rows past n read as zero; the consumers give them scale 0)
+          tma::load_2d(wring + slot * C::kWStageBytes, &w_map, int(st * C::kRowBytes), int(tile_row0),
+                       x_arrived + slot);
         }
       }
     };
@@ -198,18 +205,17 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms>::kThreads, 1)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = warp_row + 8 * r + g;
-      const uint8_t* const w = wring + slot * C::kWStageBytes + atom * C::kWAtomBytes;
-      const uint4 lo = *reinterpret_cast<const uint4*>(w + weight_piece(row, 0));
-      const uint4 hi = *reinterpret_cast<const uint4*>(w + weight_piece(row, 1));
+      const uint8_t* const w = wring + slot * C::kWStageBytes;
+      const uint4 lo = *reinterpret_cast<const uint4*>(w + weight_piece<C::kRowBytes>(row, 2 * atom));
+      const uint4 hi = *reinterpret_cast<const uint4*>(w + weight_piece<C::kRowBytes>(row, 2 * atom + 1));
       words[r][0] = lo.x, words[r][1] = lo.y, words[r][2] = lo.z, words[r][3] = lo.w;
       words[r][4] = hi.x, words[r][5] = hi.y, words[r][6] = hi.z, words[r][7] = hi.w;
-      const uint32_t* const sc =
-          reinterpret_cast<const uint32_t*>(sring + slot * C::kSStageBytes + atom * C::kSAtomBytes) + row;
+      const uint32_t* const sc = reinterpret_cast<const uint32_t*>(sring + slot * C::kSStageBytes) + row * kAtoms + atom;
       float scale = __uint_as_float(sc[0]);
       if constexpr (kNested) {
         const int64_t block = (row_elem[r] + (st * kAtoms + atom) * 64) >> blocksize_log2;
-        scale = nested_scale(codes + 16, (sc[0] >> (8 * (block & 3))) & 0xffu, __uint_as_float(sc[C::kProducers]),
-                             nested_offset);
+        scale = nested_scale(codes + 16, (sc[0] >> (8 * (block & 3))) & 0xffu,
+                             __uint_as_float(sc[C::kProducers * kAtoms]), nested_offset);
       }
       scale = row_valid[r] ? scale : 0.0f;
       scale_pair[r] = Pair<T>::of(scale, scale);
@@ -271,7 +277,7 @@ CUtensorMap activation_map(const void* x, fp4_dtype dtype, int64_t m, int64_t k,
                      k * 2, 64, box_rows, CU_TENSOR_MAP_SWIZZLE_128B, "x");
 }
 
-// Atoms per stage of the small batch tiles (BN 32 and 64).
+// Atoms per stage of the batch tiles of <= 128 rows where k % 256 == 0 (BN 256: 1).
 constexpr int kSmallAtoms = 2;
 
 // The grid for batch m (batch tiles vary fastest: the blocks that share a weight tile run together
@@ -286,19 +292,24 @@ dim3 ws_grid(int64_t m, int64_t n, int64_t k, int device, int64_t& per_split) {
   return grid;
 }
 
-template <typename T, int BN, int kAtoms, bool kNested>
+template <typename T, int BN, int kAtoms, bool kNested, bool kPairedScales>
 void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales,
             int64_t n, int blocksize_log2, const Code16& code, const T* bias, T* y, float* workspace) {
   using C = WsConfig<BN, kAtoms>;
-  constexpr auto kernel = gemm_wgmma_ws_kernel<T, BN, kAtoms, kNested>;
+  constexpr auto kernel = gemm_wgmma_ws_kernel<T, BN, kAtoms, kNested, kPairedScales>;
   allow_dynamic_smem<kernel>(exec.device_index, C::kSmemBytes);
   if (k % (2 * C::kStageK) != 0) fail(FP4_ERROR_INTERNAL, "gemm_4bit warp-specialized kernel: k % (2 stages) != 0");
   int64_t per_split = 0;
   const dim3 grid = ws_grid<C>(m, n, k, exec.device_index, per_split);
   const CUtensorMap x_map = activation_map(x, std::is_same_v<T, __half> ? FP4_FLOAT16 : FP4_BFLOAT16, m, k, BN);
+  // (boxes of a stage's kRowBytes x the tile's rows in the swizzle of that span: weight_piece; every
+  // GEMM's packed is 16-byte aligned, api.cpp)
+  const CUtensorMap w_map =
+      tma::map_2d(packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, k / 2, n, k / 2, C::kRowBytes, C::kTileRows,
+                  C::kRowBytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_32B, "packed");
   cudaStream_t stream = stream_of(exec);
   with_partial_sums(grid.z > 1, workspace, m, n, bias, y, stream, [&](float* partial) {
-    kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(x_map, m, k, packed, scales, nested_shift(scales), n,
+    kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(x_map, w_map, m, k, packed, scales, nested_shift(scales), n,
                                                          blocksize_log2, code, per_split, bias, y, partial);
     check_launch("gemm_4bit warp-specialized wgmma kernel");
   });
@@ -306,36 +317,37 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
 
 }  // namespace
 
-int64_t gemm_4bit_wgmma_ws_small_blocks(int device, int64_t m, int64_t n, int64_t k) {
-  using C = WsConfig<64, kSmallAtoms>;  // (BN 32 has the same stages and feature tiles)
-  if (m < 1 || m > 64 || k % (2 * C::kStageK) != 0) return 0;
-  int64_t per_split = 0;
-  const dim3 grid = m <= 32 ? ws_grid<WsConfig<32, kSmallAtoms>>(m, n, k, device, per_split)
-                            : ws_grid<C>(m, n, k, device, per_split);
-  return int64_t(grid.x) * grid.y * grid.z;
-}
+bool gemm_4bit_wgmma_ws_takes_small_batch(int64_t k) { return k % (2 * WsConfig<64, kSmallAtoms>::kStageK) == 0; }
 
 void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m,
                         int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize,
                         const void* bias, void* y, float* workspace) {
   const int log2 = log2_of(blocksize);
-  // The batch tile: 32 rows to batch 32, 64 to 64 (2 atoms per stage), 128 to 128, else 256 (1 atom).
-  // Scales are read one by one: `paired` unused.
-  auto run = [&](auto* tag, auto bn, auto nested, auto atoms) {
+  // The batch tile: 32 rows to batch 32, 64 to 64, 128 to 128, else 256. Tiles of <= 128 rows take
+  // two atoms per stage where k % 256 == 0 (batch <= 64 comes here only then) and copy a stage's two
+  // plain blocksize-64 scales of a row as one 8-byte pair where aligned (dispatch_variant's
+  // `paired`, nested statistics excepted); the others one atom, their scales one by one.
+  auto run = [&](auto* tag, auto bn, auto nested, auto atoms, auto paired) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch<T, decltype(bn)::value, decltype(atoms)::value, decltype(nested)::value>(
+    launch<T, decltype(bn)::value, decltype(atoms)::value, decltype(nested)::value, decltype(paired)::value>(
         exec, static_cast<const T*>(x), m, k, packed, scales, n, log2, code, static_cast<const T*>(bias),
         static_cast<T*>(y), workspace);
   };
+  auto two_atoms = [&](auto* tag, auto bn, auto nested, auto paired) {
+    run(tag, bn, nested, std::integral_constant<int, kSmallAtoms>(),
+        std::bool_constant<decltype(paired)::value && !decltype(nested)::value>());
+  };
   if (m <= 64)
-    dispatch_variant<32, 64>(
-        dtype, m, 32, scales, blocksize,
-        [&](auto* tag, auto bn, auto nested, auto) { run(tag, bn, nested, std::integral_constant<int, kSmallAtoms>()); },
-        false);
+    dispatch_variant<32, 64>(dtype, m, 32, scales, blocksize, two_atoms);
+  else if (m <= 128 && k % (2 * WsConfig<128, kSmallAtoms>::kStageK) == 0)
+    dispatch_variant<128, 128>(dtype, m, 128, scales, blocksize, two_atoms);
   else
     dispatch_variant<128, 256>(
         dtype, m, 128, scales, blocksize,
-        [&](auto* tag, auto bn, auto nested, auto) { run(tag, bn, nested, std::integral_constant<int, 1>()); }, false);
+        [&](auto* tag, auto bn, auto nested, auto) {
+          run(tag, bn, nested, std::integral_constant<int, 1>(), std::false_type());
+        },
+        false);
 }
 
 }  // namespace fp4::cuda

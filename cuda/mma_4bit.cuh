@@ -94,6 +94,9 @@ __device__ __forceinline__ void cp_async4(uint32_t smem_window, const void* glob
 __device__ __forceinline__ void cp_async4(void* smem, const void* global) {
   cp_async4(uint32_t(__cvta_generic_to_shared(smem)), global);
 }
+__device__ __forceinline__ void cp_async8(void* smem, const void* global) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(uint32_t(__cvta_generic_to_shared(smem))), "l"(global));
+}
 __device__ __forceinline__ uint32_t ld_shared_u32(uint32_t smem_window) {
   uint32_t v;
   asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(smem_window) : "memory");
@@ -345,12 +348,12 @@ bool gemm_4bit_wgmma_supports(int64_t n, int64_t k, int64_t blocksize, const fp4
 void gemm_4bit_wgmma(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m, int64_t k,
                      const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
                      void* y, float* workspace);
-// Its warp-specialized form (gemm_wgmma_ws.cu), called by gemm_4bit_wgmma past batch 64 and where
-// it fills more SMs below.
+// Its warp-specialized form (gemm_wgmma_ws.cu), called by gemm_4bit_wgmma for batch > 64 and for
+// batch 17-64 where gemm_4bit_wgmma_ws_takes_small_batch(k).
 void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m,
                         int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize,
                         const void* bias, void* y, float* workspace);
-// The blocks it launches for batch m of 17-64 on `device` (0 where it cannot: k % 256 != 0).
-int64_t gemm_4bit_wgmma_ws_small_blocks(int device, int64_t m, int64_t n, int64_t k);
+// Whether it can take batch 17-64: its tiles of <= 64 batch rows take stages of 128 columns, in pairs.
+bool gemm_4bit_wgmma_ws_takes_small_batch(int64_t k);
 
 }  // namespace fp4::cuda

@@ -78,10 +78,11 @@ def test_wgmma_gemm_matches_reference(monkeypatch, dtype, batch, small_kernel, q
 
 @pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
 def test_wgmma_gemm_long_rows_and_many_tiles():
-    # (4096, 1024) at batch 600: 96 tiles, most of a wave, so k is not split (before, into 192 blocks)
+    # (4096, 1024) at batch 600: 96 tiles, most of a wave, so k is not split (before, into 192 blocks);
+    # (272, 1152) at batch 100: k % 256 != 0, so the 128-row batch tile takes one atom per stage
     for out_features, in_features, batch, bias in ((128, 14336, 33, True), (4224, 512, 200, False),
                                                    (256, 8192, 1030, True), (384, 4096, 20, False),
-                                                   (4096, 1024, 600, True)):
+                                                   (4096, 1024, 600, True), (272, 1152, 100, True)):
         layer = _layer(out_features, in_features, torch.bfloat16, bias=bias)
         _check(layer, torch.randn(batch, in_features, device="cuda", dtype=torch.bfloat16), "gemm")
 
@@ -266,17 +267,15 @@ def test_fed_stream_switch_picks_the_kernel(monkeypatch):
 
 @pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
 def test_batch_17_to_64_kernel_choice(monkeypatch):
-    """Batch 17-64 takes the warp-specialized kernel where its grid (128-feature tiles) is one wave
-    with at least as many blocks as the register-operand kernel's (256-feature tiles), and k % 256 ==
-    0; FP4_CUDA_WS_SMALL=1 / 0 force it on (only where k allows) / off."""
+    """Batch 17-64 takes the warp-specialized kernel wherever it can run (k % 256 == 0), else the
+    register-operand kernel; FP4_CUDA_WS_SMALL=0 forces the latter."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     wide = 128 * (sms + 4)  # more 128-feature tiles than SMs: two waves
     for out_features, in_features, setting, warp_specialized in (
-            (400, 1280, "", True),      # 4 blocks vs 2 (neither splits k: 1280 columns)
+            (400, 1280, "", True),
+            (wide, 256, "", True),
             (400, 1280, "0", False),
-            (wide, 256, "", False),
-            (wide, 256, "1", True),
-            (400, 1152, "1", False)):   # k % 256 != 0
+            (400, 1152, "1", False)):  # k % 256 != 0
         monkeypatch.setenv("FP4_CUDA_WS_SMALL", setting)
         layer = _layer(out_features, in_features, torch.bfloat16)
         x = torch.randn(40, in_features, device="cuda", dtype=torch.bfloat16)
@@ -335,15 +334,16 @@ def test_gemm_stream_nested_group_sizes(nested_blocksize):
 
 
 def test_gemm_unaligned_absmax_takes_the_unpaired_path():
-    """Blocksize 64 loads a row's two scales as one 8-byte pair; an absmax view off that alignment
-    must still give the right answer."""
+    """Blocksize 64 loads a row's two scales as one 8-byte pair (the stream kernels at batch 2, the
+    warp-specialized one at 40 and 100); an absmax view off that alignment must still give the right
+    answer."""
     layer = _layer(384, 512, torch.bfloat16)
     args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
     storage = torch.empty(args.scales.numel() + 1, device="cuda", dtype=torch.float32)
     storage[1:] = args.scales
     shifted = ops.KernelArgs(args.codes, storage[1:], "nf4", 64, (384, 512))
     assert shifted.scales.data_ptr() % 8 == 4
-    for batch in (2, 40):
+    for batch in (2, 40, 100):
         x = torch.randn(batch, 512, device="cuda", dtype=torch.bfloat16)
         y = ops.linear_4bit_prepared(x, shifted, kernel="gemm")
         reference = x.float() @ layer.dequantize().float().t()
