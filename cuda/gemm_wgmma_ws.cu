@@ -1,20 +1,22 @@
 // The 4-bit linear layer on Hopper (sm_90a) for batch > 16 (gemm_wgmma.cu's kernel takes batch
 // 17-64 only where k % 256 != 0): a warp-specialized wgmma GEMM, read straight from the
 // bitsandbytes layout. As everywhere the product is computed transposed, y^T = W x^T. One producer
-// warpgroup only copies: the 4-bit weights and the activations by TMA (one box of weights and one
-// of activations per 64 columns per stage), the scales by cp.async. Two consumer warpgroups decode
-// the weights into A fragments (one pair-table load per byte, as in gemm_wgmma.cu) and multiply
-// (m64nBNk16, A from registers, B from shared memory), decoding stage i while stage i - 1's
-// multiplies run. Measured before: the producers decoding into a tile in shared memory that wgmma
-// read from there (both operands in shared memory) kept the tensor cores at ~60% — the decode's
-// table loads and tile stores competed with the multiplies' operand reads.
+// warpgroup only copies: the 4-bit weights and the activations by TMA (one box of weights per stage
+// and one of activations per 64 columns), the scales by cp.async (a row's 4 blocksize-64 scales at
+// once where they allow: WsConfig). Two consumer warpgroups decode the weights into A fragments (one
+// pair-table load per byte, as in gemm_wgmma.cu) and multiply (m64nBNk16, A from registers, B from
+// shared memory), decoding stage i while stage i - 1's multiplies run. Measured before: the
+// producers decoding into a tile in shared memory that wgmma read from there (both operands in
+// shared memory) kept the tensor cores at ~60% — the decode's table loads and tile stores competed
+// with the multiplies' operand reads.
 //
 // A block covers 128 output features x BN batch rows (256 past batch 128, 128 for 65-128, 64 for
 // 33-64, 32 for 17-32), one block per SM. A stage is kAtoms slices of 64 columns of k (one swizzle
 // atom of activations each): 2 for the tiles of batch <= 128 (k % 256 == 0), 1 for BN 256. Below
 // batch 256 shared memory bounds a stage, not the multiplies: ncu at batch 64 counted each 16-byte
 // cp.async of weights (rows 2-4 KB apart) as its own wavefront, 45% of the block's, which the TMA
-// box replaced; two atoms halve the per-stage waits and give the box 64-byte rows (perf log).
+// box replaced, and each scale copy too (16%: now 4 atoms per copy); two atoms halve the per-stage
+// waits and give the box 64-byte rows (perf log).
 // The producers' scale copies complete the slot's first mbarrier (cp.async arrivals), the TMA boxes
 // a second one; the consumers wait on both (each warpgroup on its own: no barrier couples the
 // two). EMPTY[slot], a named barrier, tells the producers that the multiplies that read a slot are
@@ -35,8 +37,9 @@ namespace fp4::cuda {
 namespace {
 
 // BN 256 for batch > 128, BN 128 for batch 65-128 (a half-empty 256-row tile would multiply zeros),
-// 64 and 32 below; kAtoms 64-column slices of k per stage (2 fit a stage beside BN <= 128 only).
-template <int BN, int kAtoms>
+// 64 and 32 below; kAtoms 64-column slices of k per stage (2 fit a stage beside BN <= 128 only);
+// kGroupedScales: see the scale ring below.
+template <int BN, int kAtoms, bool kGroupedScales = false>
 struct WsConfig {
   static constexpr int kBatchRows = BN;  // batch rows per block (the m64nBNk16 multiply's N)
   static constexpr int kThreads = 384;   // warpgroup 0 copies, 1 and 2 decode and multiply
@@ -53,15 +56,31 @@ struct WsConfig {
   static constexpr size_t kFixedBytes = 1024 + kTableBytes + kCodeBytes;
   static constexpr size_t kPerStage = kXStageBytes + kWStageBytes + kSStageBytes + 2 * sizeof(uint64_t);
   static constexpr size_t kBudget = 227 * 1024;  // (one block per SM)
+  // Grouped scales (plain blocksize-64 absmax, 16-byte aligned, k % 256 == 0): a row's 4 scales of 4
+  // consecutive atoms come by one 16-byte copy, issued with the group's first stage, into a ring of
+  // kScaleSlots groups of their own: each copy is a shared-memory wavefront of its own (the rows lie
+  // 4 KB apart), so 4 atoms per copy instead of 1 (ncu: the scale copies were 16% of a block's
+  // wavefronts at batch 64). A slot is refilled only after the stages of the group kScaleSlots
+  // before it are retired: kScaleSlots groups span kStages + kGroupStages stages.
+  static constexpr int kGroupStages = 4 / kAtoms;
+  static constexpr size_t kGroupBytes = size_t(kTileRows) * 16;
+  static constexpr int scale_slots(int stages) {
+    return kGroupedScales ? (stages + kGroupStages - 1) / kGroupStages + 1 : 0;
+  }
   // Ring slots: BN 256 measured best at 4 and BN 128 of one atom at 6 (5 and 8 were slower, perf
   // log); two atoms take as many as shared memory holds (BN 128: 4, BN 64: 7, BN 32: 10).
-  static constexpr int kFit = int((kBudget - kFixedBytes) / kPerStage);
-  static constexpr int kStages = BN == 256 ? 4 : (BN == 128 && kAtoms == 1) ? 6 : (kFit < 12 ? kFit : 12);
+  static constexpr int fit() {
+    int stages = int((kBudget - kFixedBytes) / kPerStage);
+    while (kFixedBytes + stages * kPerStage + scale_slots(stages) * kGroupBytes > kBudget) --stages;
+    return stages < 12 ? stages : 12;
+  }
+  static constexpr int kStages = BN == 256 ? 4 : (BN == 128 && kAtoms == 1) ? 6 : fit();
+  static constexpr int kScaleSlots = scale_slots(kStages);
   // Registers per thread after the hand-over (setmaxnreg): the consumers hold BN / 2 accumulators
   // and two stages of A fragments; the producers only addresses. 128 x 40 + 256 x 232 <= 64K.
   static constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
   // (+1024: the rings are aligned to 1024 bytes by hand)
-  static constexpr size_t kSmemBytes = kFixedBytes + kStages * kPerStage;
+  static constexpr size_t kSmemBytes = kFixedBytes + kStages * kPerStage + kScaleSlots * kGroupBytes;
   static_assert(kSmemBytes <= kBudget, "one block per SM");
   static_assert(1 + kStages <= 16, "named barriers: 0 for __syncthreads, EMPTY per slot");
 };
@@ -95,14 +114,14 @@ __device__ __forceinline__ int weight_piece(int r, int q) {
   return r * kRowBytes + ((q ^ ((r * kRowBytes >> 7) & (kRowBytes / 16 - 1))) << 4);
 }
 
-template <typename T, int BN, int kAtoms, bool kNested, bool kPairedScales>
-__global__ void __launch_bounds__(WsConfig<BN, kAtoms>::kThreads, 1)
+template <typename T, int BN, int kAtoms, bool kNested, bool kGroupedScales>
+__global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads, 1)
     gemm_wgmma_ws_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                          int64_t m, int64_t k,
                          const uint8_t* __restrict__ packed, fp4_scales scales, int nested_log2, int64_t n,
                          int blocksize_log2, Code16 code, int64_t stages_per_split, const T* __restrict__ bias,
                          T* __restrict__ y, float* __restrict__ partial) {
-  using C = WsConfig<BN, kAtoms>;
+  using C = WsConfig<BN, kAtoms, kGroupedScales>;
   constexpr int S = C::kStages;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   extern __shared__ __align__(16) uint8_t smem_raw[];
@@ -110,7 +129,8 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms>::kThreads, 1)
   uint8_t* const xring = smem_raw + ((1024 - (uint32_t(__cvta_generic_to_shared(smem_raw)) & 1023)) & 1023);
   uint8_t* const wring = xring + S * C::kXStageBytes;
   uint8_t* const sring = wring + S * C::kWStageBytes;
-  uint8_t* const table = sring + S * C::kSStageBytes;
+  uint8_t* const gring = sring + S * C::kSStageBytes;  // [scale slot][row][4 atoms] (kGroupedScales)
+  uint8_t* const table = gring + C::kScaleSlots * C::kGroupBytes;
   float* const codes = reinterpret_cast<float*>(table + C::kTableBytes);
   uint64_t* const x_arrived = reinterpret_cast<uint64_t*>(codes + kCodeBytes / sizeof(float));  // [slot]
   uint64_t* const w_arrived = x_arrived + S;                                                      // [slot]
@@ -138,11 +158,14 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms>::kThreads, 1)
     // Request stage st into ring slot `slot` (nothing past the end).
     auto issue = [&](int slot, int64_t st) {
       if (st < stage_end) {
-        // Scale words of row p, atom a at [p][a] (nested group absmax kProducers * kAtoms words on).
-        uint32_t* const scale_dst = reinterpret_cast<uint32_t*>(sring + slot * C::kSStageBytes) + p * kAtoms;
-        if constexpr (kPairedScales) {  // (blocksize 64, plain absmax: the stage's two, 8 aligned bytes)
-          cp_async8(scale_dst, scales.absmax + ((row_elem + st * C::kStageK) >> 6));
+        if constexpr (kGroupedScales) {
+          const int atom0 = int(st) * kAtoms;
+          if (atom0 % 4 == 0 || st == stage_begin)  // (a split may begin inside a group)
+            cp_async16(gring + (atom0 / 4 % C::kScaleSlots) * C::kGroupBytes + p * 16,
+                       scales.absmax + (row_elem >> 6) + (atom0 & ~3));
         } else {
+          // Scale words of row p, atom a at [p][a] (nested group absmax kProducers * kAtoms words on).
+          uint32_t* const scale_dst = reinterpret_cast<uint32_t*>(sring + slot * C::kSStageBytes) + p * kAtoms;
 #pragma unroll
           for (int a = 0; a < kAtoms; ++a) {
             const int64_t block = (row_elem + (st * kAtoms + a) * 64) >> blocksize_log2;
@@ -211,7 +234,13 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms>::kThreads, 1)
       words[r][0] = lo.x, words[r][1] = lo.y, words[r][2] = lo.z, words[r][3] = lo.w;
       words[r][4] = hi.x, words[r][5] = hi.y, words[r][6] = hi.z, words[r][7] = hi.w;
       const uint32_t* const sc = reinterpret_cast<const uint32_t*>(sring + slot * C::kSStageBytes) + row * kAtoms + atom;
-      float scale = __uint_as_float(sc[0]);
+      float scale;
+      if constexpr (kGroupedScales) {
+        const int a = int(st) * kAtoms + atom;
+        scale = *reinterpret_cast<const float*>(gring + (a / 4 % C::kScaleSlots) * C::kGroupBytes + row * 16 + (a % 4) * 4);
+      } else {
+        scale = __uint_as_float(sc[0]);
+      }
       if constexpr (kNested) {
         const int64_t block = (row_elem[r] + (st * kAtoms + atom) * 64) >> blocksize_log2;
         scale = nested_scale(codes + 16, (sc[0] >> (8 * (block & 3))) & 0xffu,
@@ -292,11 +321,11 @@ dim3 ws_grid(int64_t m, int64_t n, int64_t k, int device, int64_t& per_split) {
   return grid;
 }
 
-template <typename T, int BN, int kAtoms, bool kNested, bool kPairedScales>
+template <typename T, int BN, int kAtoms, bool kNested, bool kGroupedScales>
 void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales,
             int64_t n, int blocksize_log2, const Code16& code, const T* bias, T* y, float* workspace) {
-  using C = WsConfig<BN, kAtoms>;
-  constexpr auto kernel = gemm_wgmma_ws_kernel<T, BN, kAtoms, kNested, kPairedScales>;
+  using C = WsConfig<BN, kAtoms, kGroupedScales>;
+  constexpr auto kernel = gemm_wgmma_ws_kernel<T, BN, kAtoms, kNested, kGroupedScales>;
   allow_dynamic_smem<kernel>(exec.device_index, C::kSmemBytes);
   if (k % (2 * C::kStageK) != 0) fail(FP4_ERROR_INTERNAL, "gemm_4bit warp-specialized kernel: k % (2 stages) != 0");
   int64_t per_split = 0;
@@ -324,30 +353,33 @@ void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtyp
                         const void* bias, void* y, float* workspace) {
   const int log2 = log2_of(blocksize);
   // The batch tile: 32 rows to batch 32, 64 to 64, 128 to 128, else 256. Tiles of <= 128 rows take
-  // two atoms per stage where k % 256 == 0 (batch <= 64 comes here only then) and copy a stage's two
-  // plain blocksize-64 scales of a row as one 8-byte pair where aligned (dispatch_variant's
-  // `paired`, nested statistics excepted); the others one atom, their scales one by one.
-  auto run = [&](auto* tag, auto bn, auto nested, auto atoms, auto paired) {
+  // two atoms per stage where k % 256 == 0 (batch <= 64 comes here only then), the others one.
+  // Plain blocksize-64 absmax on 16-byte aligned addresses with k % 256 == 0: grouped scale copies.
+  const bool grouped = scales.nested_codes == nullptr && blocksize == 64 && k % 256 == 0 &&
+                       reinterpret_cast<uintptr_t>(scales.absmax) % 16 == 0;
+  auto run = [&](auto* tag, auto bn, auto nested, auto atoms) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    launch<T, decltype(bn)::value, decltype(atoms)::value, decltype(nested)::value, decltype(paired)::value>(
-        exec, static_cast<const T*>(x), m, k, packed, scales, n, log2, code, static_cast<const T*>(bias),
-        static_cast<T*>(y), workspace);
+    constexpr int kBn = decltype(bn)::value, kA = decltype(atoms)::value;
+    constexpr bool kN = decltype(nested)::value;
+    const T* xt = static_cast<const T*>(x);
+    const T* bt = static_cast<const T*>(bias);
+    T* yt = static_cast<T*>(y);
+    if (!kN && grouped)
+      launch<T, kBn, kA, false, true>(exec, xt, m, k, packed, scales, n, log2, code, bt, yt, workspace);
+    else
+      launch<T, kBn, kA, kN, false>(exec, xt, m, k, packed, scales, n, log2, code, bt, yt, workspace);
   };
-  auto two_atoms = [&](auto* tag, auto bn, auto nested, auto paired) {
-    run(tag, bn, nested, std::integral_constant<int, kSmallAtoms>(),
-        std::bool_constant<decltype(paired)::value && !decltype(nested)::value>());
-  };
+  const auto one = std::integral_constant<int, 1>();
+  const auto two = std::integral_constant<int, kSmallAtoms>();
+  // (scales are copied one by one or grouped: dispatch_variant's `paired` unused)
+  auto with_two = [&](auto* tag, auto bn, auto nested, auto) { run(tag, bn, nested, two); };
+  auto with_one = [&](auto* tag, auto bn, auto nested, auto) { run(tag, bn, nested, one); };
   if (m <= 64)
-    dispatch_variant<32, 64>(dtype, m, 32, scales, blocksize, two_atoms);
+    dispatch_variant<32, 64>(dtype, m, 32, scales, blocksize, with_two, false);
   else if (m <= 128 && k % (2 * WsConfig<128, kSmallAtoms>::kStageK) == 0)
-    dispatch_variant<128, 128>(dtype, m, 128, scales, blocksize, two_atoms);
+    dispatch_variant<128, 128>(dtype, m, 128, scales, blocksize, with_two, false);
   else
-    dispatch_variant<128, 256>(
-        dtype, m, 128, scales, blocksize,
-        [&](auto* tag, auto bn, auto nested, auto) {
-          run(tag, bn, nested, std::integral_constant<int, 1>(), std::false_type());
-        },
-        false);
+    dispatch_variant<128, 256>(dtype, m, 128, scales, blocksize, with_one, false);
 }
 
 }  // namespace fp4::cuda

@@ -94,9 +94,6 @@ __device__ __forceinline__ void cp_async4(uint32_t smem_window, const void* glob
 __device__ __forceinline__ void cp_async4(void* smem, const void* global) {
   cp_async4(uint32_t(__cvta_generic_to_shared(smem)), global);
 }
-__device__ __forceinline__ void cp_async8(void* smem, const void* global) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(uint32_t(__cvta_generic_to_shared(smem))), "l"(global));
-}
 __device__ __forceinline__ uint32_t ld_shared_u32(uint32_t smem_window) {
   uint32_t v;
   asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(smem_window) : "memory");

@@ -79,10 +79,12 @@ def test_wgmma_gemm_matches_reference(monkeypatch, dtype, batch, small_kernel, q
 @pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
 def test_wgmma_gemm_long_rows_and_many_tiles():
     # (4096, 1024) at batch 600: 96 tiles, most of a wave, so k is not split (before, into 192 blocks);
-    # (272, 1152) at batch 100: k % 256 != 0, so the 128-row batch tile takes one atom per stage
+    # (272, 1152) at batch 100: k % 256 != 0, so the 128-row batch tile takes one atom per stage;
+    # (128, 4352) at batch 300: k split in 4 ranges of 18 stages, so three begin inside a scale group
     for out_features, in_features, batch, bias in ((128, 14336, 33, True), (4224, 512, 200, False),
                                                    (256, 8192, 1030, True), (384, 4096, 20, False),
-                                                   (4096, 1024, 600, True), (272, 1152, 100, True)):
+                                                   (4096, 1024, 600, True), (272, 1152, 100, True),
+                                                   (128, 4352, 300, False)):
         layer = _layer(out_features, in_features, torch.bfloat16, bias=bias)
         _check(layer, torch.randn(batch, in_features, device="cuda", dtype=torch.bfloat16), "gemm")
 
@@ -334,9 +336,9 @@ def test_gemm_stream_nested_group_sizes(nested_blocksize):
 
 
 def test_gemm_unaligned_absmax_takes_the_unpaired_path():
-    """Blocksize 64 loads a row's two scales as one 8-byte pair (the stream kernels at batch 2, the
-    warp-specialized one at 40 and 100); an absmax view off that alignment must still give the right
-    answer."""
+    """Blocksize 64 loads a row's scales several at once where aligned (the stream kernels two as an
+    8-byte pair at batch 2, the warp-specialized one four as a 16-byte copy at 40 and 100); an
+    absmax view off that alignment must still give the right answer."""
     layer = _layer(384, 512, torch.bfloat16)
     args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
     storage = torch.empty(args.scales.numel() + 1, device="cuda", dtype=torch.float32)
