@@ -62,6 +62,8 @@ struct WsConfig {
   // 4 KB apart), so 4 atoms per copy instead of 1 (ncu: the scale copies were 16% of a block's
   // wavefronts at batch 64). A slot is refilled only after the stages of the group kScaleSlots
   // before it are retired: kScaleSlots groups span kStages + kGroupStages stages.
+  // (The per-stage scale words, unused then, stay in the layout: freeing them would fit BN 32 an
+  // 11th stage, not measured.)
   static constexpr int kGroupStages = 4 / kAtoms;
   static constexpr size_t kGroupBytes = size_t(kTileRows) * 16;
   static constexpr int scale_slots(int stages) {
