@@ -367,7 +367,7 @@ void gemm_4bit_wgmma(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, 
   // Past batch 64 the warp-specialized kernel (measured on the H100, bf16 nf4, us, this kernel with
   // two m64 tiles per warpgroup / that one with 128-row batch tiles: batch 128 on (28672, 8192)
   // 173.5 / 157.1, (14336, 4096) 61.1 / 42.3, (4096, 14336) 57.6 / 45.4, (4096, 4096) 33.1 / 21.8;
-  // batch 80 on (28672, 8192) ~171 / 151.5), and below where it puts more SMs to work.
+  // batch 80 on (28672, 8192) ~171 / 151.5), and batch 17-64 wherever it can run (see above).
   if (m > 64 || small_batch_goes_warp_specialized(k))
     return gemm_4bit_wgmma_ws(exec, code, dtype, x, m, k, packed, scales, n, blocksize, bias, y, workspace);
   const int log2 = log2_of(blocksize);

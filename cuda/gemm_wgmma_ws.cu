@@ -53,7 +53,7 @@ struct WsConfig {
   static constexpr size_t kSStageBytes = size_t(kTileRows) * 2 * 4 * kAtoms;      // scale words, nested group absmax
   // Pair-table rows of 128 bytes: one copy per lane, so the lookups never conflict on banks.
   static constexpr size_t kTableBytes = 256 * 128;
-  static constexpr size_t kFixedBytes = 1024 + kTableBytes + kCodeBytes;
+  static constexpr size_t kFixedBytes = 1024 + kTableBytes + kCodeBytes;  // (+1024: the rings are aligned by hand)
   static constexpr size_t kPerStage = kXStageBytes + kWStageBytes + kSStageBytes + 2 * sizeof(uint64_t);
   static constexpr size_t kBudget = 227 * 1024;  // (one block per SM)
   // Grouped scales (plain blocksize-64 absmax, 16-byte aligned, k % 256 == 0): a row's 4 scales of 4
@@ -81,7 +81,6 @@ struct WsConfig {
   // Registers per thread after the hand-over (setmaxnreg): the consumers hold BN / 2 accumulators
   // and two stages of A fragments; the producers only addresses. 128 x 40 + 256 x 232 <= 64K.
   static constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
-  // (+1024: the rings are aligned to 1024 bytes by hand)
   static constexpr size_t kSmemBytes = kFixedBytes + kStages * kPerStage + kScaleSlots * kGroupBytes;
   static_assert(kSmemBytes <= kBudget, "one block per SM");
   static_assert(1 + kStages <= 16, "named barriers: 0 for __syncthreads, EMPTY per slot");
