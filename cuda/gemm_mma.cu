@@ -270,7 +270,7 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
 // The split kernels' fp32 sums (one per output), or the small-batch kernel's slots.
 size_t gemm_4bit_workspace_size(int64_t m, int64_t n) {
   const size_t sums = size_t(m) * size_t(n) * sizeof(float);
-  return m <= 16 ? std::max(sums, gemm_4bit_stream_workspace_size(m)) : sums;
+  return m <= 16 ? std::max(sums, gemm_4bit_stream_workspace_size(m)) : std::max(sums, gemm_4bit_wgmma_ws_sums_bytes(m, n));
 }
 
 void gemm_4bit(const fp4_exec& exec, fp4_quant_type type, const void* x, fp4_dtype dtype, int64_t m, int64_t k,

@@ -10,8 +10,9 @@
 // shared memory) kept the tensor cores at ~60% — the decode's table loads and tile stores competed
 // with the multiplies' operand reads.
 //
-// A block covers 128 output features x BN batch rows (256 past batch 128, 128 for 65-128, 64 for
-// 33-64, 32 for 17-32), one block per SM. A stage is kAtoms slices of 64 columns of k (one swizzle
+// A tile is 128 output features x BN batch rows (256 past batch 128, 128 for 65-128, 64 for 33-64,
+// 32 for 17-32), one block per SM; a block multiplies one tile whole, or a run of stages that may
+// cross tiles where blocks share a grid's last (or only) wave (WsWork). A stage is kAtoms slices of 64 columns of k (one swizzle
 // atom of activations each): 2 for the tiles of batch <= 128 (k % 256 == 0), 1 for BN 256. Below
 // batch 256 shared memory bounds a stage, not the multiplies: ncu at batch 64 counted each 16-byte
 // cp.async of weights (rows 2-4 KB apart) as its own wavefront, 45% of the block's, which the TMA
@@ -21,8 +22,7 @@
 // a second one; the consumers wait on both (each warpgroup on its own: no barrier couples the
 // two). EMPTY[slot], a named barrier, tells the producers that the multiplies that read a slot are
 // retired. The producers give most of their registers to the consumers (setmaxnreg): BN / 2
-// accumulators and two stages of fragments per thread. k is split across blockIdx.z only to give
-// most SMs a block (partial sums meet in the fp32 workspace). Measurements and what was tried:
+// accumulators and two stages of fragments per thread. Measurements and what was tried:
 // docs/perf-log.md.
 #include "build_config.h"
 #include "kernels.hpp"
@@ -31,6 +31,9 @@
 #include "wgmma.cuh"
 
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 
 namespace fp4::cuda {
@@ -115,13 +118,115 @@ __device__ __forceinline__ int weight_piece(int r, int q) {
   return r * kRowBytes + ((q ^ ((r * kRowBytes >> 7) & (kRowBytes / 16 - 1))) << 4);
 }
 
+// Which k stages of which tiles each block multiplies. Tile t is batch tile t % batch_tiles and
+// feature tile t / batch_tiles (batch tiles vary fastest: the blocks that share a weight tile run
+// together and read it once); its stages are numbered t * tile_stages + [0, tile_stages). Blocks
+// [0, whole_blocks) take tile `block` whole and write y. The shared_blocks after them share the
+// stages of the tiles from whole_blocks on (shared_pairs pairs: the kernel takes stages in pairs)
+// evenly and in order, so a block's run may end inside one tile and go on in the next ("stream-K").
+// Sharing spreads work that would leave SMs idle in a grid's last wave (or in its only one) over
+// all of them. The sums of shared tile s (tile whole_blocks + s) meet in the workspace, as tiles of
+// kTileRows x BN floats in the order the consumer threads hold them (put_tile_sums), and
+// finish_shared_tiles writes them to y:
+//  - in_slots: shared block j stores its sums of tile s in slot j + s (unique: each next run is
+//    one block or one tile on), and the finish adds the slots of a tile's blocks in order (the same
+//    bits on every call). Needs shared_blocks + shared tiles slots (ws_work: <= tiles + batch_tiles).
+//  - else (a single wave split many ways: more blocks than that): slot s, zeroed first, and the
+//    blocks add into it atomically. Atomics cost more per byte (measured at batch 256, (28672,
+//    8192): sharing the second wave was 5% slower than not) but the batch is small there.
+// n / d for n < 2^31 by a d fixed on the host, without a division: a multiply-high, an add and a
+// shift (round-up multiplier, as in Granlund & Montgomery), on the uniform datapath where n is
+// warp-uniform (a division or a 64-bit one's call leaves its result in vector registers, and all
+// that follows from it: measured 12% slower at batch 17).
+struct FastDivisor {
+  uint32_t divisor, multiplier, shift;
+
+  static FastDivisor of(int64_t d) {
+    uint32_t shift = 0;
+    while ((int64_t(1) << shift) < d) ++shift;
+    const uint64_t multiplier = ((uint64_t(1) << 32) * ((uint64_t(1) << shift) - uint64_t(d))) / uint64_t(d) + 1;
+    return {uint32_t(d), uint32_t(multiplier), shift};
+  }
+  __device__ uint32_t divide(uint32_t n) const { return (__umulhi(n, multiplier) + n) >> shift; }
+};
+
+struct WsWork {
+  int64_t tile_stages, batch_tiles, tiles, whole_blocks, shared_pairs, shared_blocks;
+  bool in_slots;
+  // (for the kernel's stage walk, all counts < 2^31: ws_work)
+  FastDivisor by_tile_stages, by_batch_tiles, by_shared_blocks;
+
+  int64_t blocks() const { return whole_blocks + shared_blocks; }
+  int64_t shared_tiles() const { return shared_blocks > 0 ? tiles - whole_blocks : 0; }
+  // The stages [begin, end) of block `block`.
+  __device__ void stages_of(int64_t block, int64_t& begin, int64_t& end) const {
+    if (block < whole_blocks) {
+      begin = block * tile_stages, end = begin + tile_stages;
+    } else {
+      // (pair j * shared_pairs / shared_blocks, as q j + r j / shared_blocks: r j < 2^31)
+      const uint32_t j = uint32_t(block - whole_blocks), q = uint32_t(shared_pairs / shared_blocks),
+                     r = uint32_t(shared_pairs % shared_blocks);
+      const int64_t first = whole_blocks * tile_stages;
+      begin = first + 2 * int64_t(q * j + by_shared_blocks.divide(r * j));
+      end = first + 2 * int64_t(q * (j + 1) + by_shared_blocks.divide(r * (j + 1)));
+    }
+  }
+  // The shared block whose run holds pair p (counted from the first shared stage).
+  __device__ int64_t block_of_pair(int64_t p) const { return ((p + 1) * shared_blocks - 1) / shared_pairs; }
+};
+
+// Walks a block's stages in order (WsWork numbering) without dividing at every stage (the producers
+// share the SMs' issue slots with the decode): the stage inside its tile and the tile's place.
+// 32-bit: a tile has < 2^31 stages, a GEMM < 2^31 tiles.
+struct StageCursor {
+  int st, batch_tile, feature_tile;
+
+  __device__ StageCursor(const WsWork& work, int64_t stage) {
+    const uint32_t tile = work.by_tile_stages.divide(uint32_t(stage));
+    st = int(uint32_t(stage) - tile * uint32_t(work.tile_stages));
+    feature_tile = int(work.by_batch_tiles.divide(tile)), batch_tile = int(tile - feature_tile * uint32_t(work.batch_tiles));
+  }
+  __device__ int64_t tile(const WsWork& work) const { return int64_t(feature_tile) * work.batch_tiles + batch_tile; }
+  // Moves `count` stages on, at most to the end of the tile.
+  __device__ void advance(const WsWork& work, int count = 1) {
+    st += count;
+    if (st == int(work.tile_stages)) {
+      st = 0;
+      if (++batch_tile == int(work.batch_tiles)) batch_tile = 0, ++feature_tile;
+    }
+  }
+};
+
+// The 256 consumer threads' accumulators of one tile (BN / 2 each) stored or added (kAdd) into its
+// sums: float4 q of thread c at q * 256 + c, so each warp's vector access covers 512 contiguous bytes.
+// Float4 q holds batch rows batch0 + 8 q + [0, 8) (wgmma::store_accumulators): those past m are
+// left out, and finish_shared_tiles leaves them out too.
+template <bool kAdd, int R>
+__device__ __forceinline__ void put_tile_sums(float* tile_sums, const float (&d)[R], int consumer, int64_t batch0,
+                                              int64_t m) {
+  static_assert(R % 4 == 0, "whole float4s");
+  float4* const out = reinterpret_cast<float4*>(tile_sums) + consumer;
+#pragma unroll
+  for (int q = 0; q < R / 4; ++q) {
+    if (batch0 + 8 * q >= m) break;
+    const float4 v = make_float4(d[4 * q], d[4 * q + 1], d[4 * q + 2], d[4 * q + 3]);
+    if constexpr (kAdd)
+      FP4_SM90_ONLY(atomicAdd(out + q * 256, v));
+    else
+      __stcg(out + q * 256, v);  // (read once, by the finish: past L1)
+  }
+}
+
+// Where warp w of consumer thread c's warpgroup holds rows of a tile: rows warp_row + [0, 16).
+__device__ __forceinline__ int consumer_warp_row(int consumer) { return 64 * (consumer / 128) + 16 * ((consumer / 32) % 4); }
+
 template <typename T, int BN, int kAtoms, bool kNested, bool kGroupedScales>
 __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads, 1)
     gemm_wgmma_ws_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                          int64_t m, int64_t k,
                          const uint8_t* __restrict__ packed, fp4_scales scales, int nested_log2, int64_t n,
-                         int blocksize_log2, Code16 code, int64_t stages_per_split, const T* __restrict__ bias,
-                         T* __restrict__ y, float* __restrict__ partial) {
+                         int blocksize_log2, Code16 code, WsWork work, const T* __restrict__ bias,
+                         T* __restrict__ y, float* __restrict__ sums) {
   using C = WsConfig<BN, kAtoms, kGroupedScales>;
   constexpr int S = C::kStages;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
@@ -142,10 +247,8 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
   build_pair_table<T, 128, kNested>(table, codes, code, scales);  // (its barrier orders the inits)
   __syncthreads();  // the pair table
 
-  const int64_t batch0 = int64_t(blockIdx.x) * BN;
-  const int64_t tile_row0 = int64_t(blockIdx.y) * C::kTileRows;
-  const int64_t stage_begin = int64_t(blockIdx.z) * stages_per_split;
-  const int64_t stage_end = min(k / C::kStageK, stage_begin + stages_per_split);
+  int64_t stage_begin, stage_end;  // (numbered across tiles: WsWork)
+  work.stages_of(blockIdx.x, stage_begin, stage_end);
   if (stage_begin >= stage_end) return;  // (block-uniform)
   const int stages = int(stage_end - stage_begin);
   constexpr int kEmpty = 1;  // named barrier id of slot 0's EMPTY
@@ -155,21 +258,30 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
     // Thread p copies the scales of weight row p of the tile (rows past n read row n - 1's; the
     // consumers give them scale 0); thread 0 also the stage's weight box and activation tiles, by TMA.
     const int p = threadIdx.x;
-    const int64_t row_elem = min(tile_row0 + p, n - 1) * k;
-    // Request stage st into ring slot `slot` (nothing past the end).
-    auto issue = [&](int slot, int64_t st) {
-      if (st < stage_end) {
+    StageCursor next(work, stage_begin);
+    int group_slot = 0;  // (grouped scales: the ring slot of the scale group being issued)
+    int64_t batch0, tile_row0, row_elem;  // (of next's tile)
+    auto enter_tile = [&] {
+      batch0 = int64_t(next.batch_tile) * BN, tile_row0 = int64_t(next.feature_tile) * C::kTileRows;
+      row_elem = min(tile_row0 + p, n - 1) * k;
+    };
+    enter_tile();
+    // Request the block's stage i into ring slot `slot` (nothing past the end; called for i in order).
+    auto issue = [&](int slot, int i) {
+      if (i < stages) {
+        const int st = next.st;
         if constexpr (kGroupedScales) {
-          const int atom0 = int(st) * kAtoms;
-          if (atom0 % 4 == 0 || st == stage_begin)  // (a split may begin inside a group)
-            cp_async16(gring + (atom0 / 4 % C::kScaleSlots) * C::kGroupBytes + p * 16,
-                       scales.absmax + (row_elem >> 6) + (atom0 & ~3));
+          const int atom0 = st * kAtoms;
+          if (atom0 % 4 == 0 || i == 0) {  // (a shared block's run may begin inside a group)
+            if (i != 0) group_slot = group_slot + 1 == C::kScaleSlots ? 0 : group_slot + 1;
+            cp_async16(gring + group_slot * C::kGroupBytes + p * 16, scales.absmax + (row_elem >> 6) + (atom0 & ~3));
+          }
         } else {
           // Scale words of row p, atom a at [p][a] (nested group absmax kProducers * kAtoms words on).
           uint32_t* const scale_dst = reinterpret_cast<uint32_t*>(sring + slot * C::kSStageBytes) + p * kAtoms;
 #pragma unroll
           for (int a = 0; a < kAtoms; ++a) {
-            const int64_t block = (row_elem + (st * kAtoms + a) * 64) >> blocksize_log2;
+            const int64_t block = (row_elem + int64_t(st * kAtoms + a) * 64) >> blocksize_log2;
             if constexpr (kNested) {
               cp_async4(scale_dst + a, scales.nested_codes + (block & ~int64_t(3)));  // (gemm_4bit_wgmma_supports)
               cp_async4(scale_dst + C::kProducers * kAtoms + a,
@@ -190,14 +302,16 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
           tma::load_2d(wring + slot * C::kWStageBytes, &w_map, int(st * C::kRowBytes), int(tile_row0),
                        x_arrived + slot);
         }
+        next.advance(work);
+        if (next.st == 0) enter_tile();
       }
     };
 #pragma unroll
-    for (int s = 0; s < S; ++s) issue(s, stage_begin + s);
+    for (int s = 0; s < S; ++s) issue(s, s);
     // Refill each slot once the multiplies that read it are retired.
     for (int i = 0, slot = 0; i + S < stages; ++i, slot = slot + 1 == S ? 0 : slot + 1) {
       barrier_sync(kEmpty + slot);
-      issue(slot, stage_begin + i + S);
+      issue(slot, i + S);
     }
     cp_async_commit();  // (this thread's copies land before it exits)
     cp_async_wait<0>();
@@ -207,43 +321,43 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
   // Consumers: warpgroup c decodes and multiplies features 64 c + [0, 64) of the tile; warp w of it
   // rows 16 w + [0, 16), the lane rows g and g + 8 of those.
   registers_up<C::kConsumerRegisters>();
-  const int c = threadIdx.x / 128 - 1, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  const int warp_row = 64 * c + 16 * ((threadIdx.x / 32) % 4);
+  const int consumer = threadIdx.x - C::kProducers, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int warp_row = consumer_warp_row(consumer);
   const float nested_offset = kNested ? *scales.nested_offset : 0.0f;
-  int64_t row_elem[2];
+  int64_t row_elem[2];  // (of the tile being multiplied)
   bool row_valid[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t f = tile_row0 + warp_row + 8 * r + g;
-    row_valid[r] = f < n;
-    row_elem[r] = (row_valid[r] ? f : n - 1) * k;
-  }
   // (the lookups' byte permute: wgmma::decode_slice)
   const uint32_t pair_select = 0x5504u | (uint32_t(t) << 4);
   const uint32_t lane_x8 = uint32_t(lane) * 8;
+  // Where the lane's rows' 16-byte weight pieces lie in a ring slot (weight_piece, worked out once).
+  int piece[2][2 * kAtoms];
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int q = 0; q < 2 * kAtoms; ++q) piece[r][q] = weight_piece<C::kRowBytes>(warp_row + 8 * r + g, q);
 
-  // Atom `atom` of stage st's A fragments (ring slot `slot`) for its 4 k16 steps.
-  auto decode = [&](uint32_t (&a)[4][4], int slot, int64_t st, int atom) {
+  // Atom `atom` of stage st's A fragments (ring slot `slot`; grouped scales: the stage's first scale
+  // of row 0 at stage_scales) for its 4 k16 steps.
+  auto decode = [&](uint32_t (&a)[4][4], int slot, const uint8_t* stage_scales, int st, int atom) {
     uint32_t words[2][8];
     uint32_t scale_pair[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = warp_row + 8 * r + g;
       const uint8_t* const w = wring + slot * C::kWStageBytes;
-      const uint4 lo = *reinterpret_cast<const uint4*>(w + weight_piece<C::kRowBytes>(row, 2 * atom));
-      const uint4 hi = *reinterpret_cast<const uint4*>(w + weight_piece<C::kRowBytes>(row, 2 * atom + 1));
+      const uint4 lo = *reinterpret_cast<const uint4*>(w + piece[r][2 * atom]);
+      const uint4 hi = *reinterpret_cast<const uint4*>(w + piece[r][2 * atom + 1]);
       words[r][0] = lo.x, words[r][1] = lo.y, words[r][2] = lo.z, words[r][3] = lo.w;
       words[r][4] = hi.x, words[r][5] = hi.y, words[r][6] = hi.z, words[r][7] = hi.w;
       const uint32_t* const sc = reinterpret_cast<const uint32_t*>(sring + slot * C::kSStageBytes) + row * kAtoms + atom;
       float scale;
       if constexpr (kGroupedScales) {
-        const int a = int(st) * kAtoms + atom;
-        scale = *reinterpret_cast<const float*>(gring + (a / 4 % C::kScaleSlots) * C::kGroupBytes + row * 16 + (a % 4) * 4);
+        scale = *reinterpret_cast<const float*>(stage_scales + row * 16 + atom * 4);
       } else {
         scale = __uint_as_float(sc[0]);
       }
       if constexpr (kNested) {
-        const int64_t block = (row_elem[r] + (st * kAtoms + atom) * 64) >> blocksize_log2;
+        const int64_t block = (row_elem[r] + int64_t(st * kAtoms + atom) * 64) >> blocksize_log2;
         scale = nested_scale(codes + 16, (sc[0] >> (8 * (block & 3))) & 0xffu,
                              __uint_as_float(sc[C::kProducers * kAtoms]), nested_offset);
       }
@@ -254,17 +368,15 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
   };
 
   float acc[BN / 2];
-#pragma unroll
-  for (int i = 0; i < BN / 2; ++i) acc[i] = 0.0f;
   uint32_t frag[2][kAtoms][4][4];  // A fragments of two stages: one decoded while the other's multiplies run
-  // Stage i (ring slot `slot`, fragments frag[buf]): decode it while stage i - 1 multiplies, queue
-  // its multiplies, then retire stage i - 1's and free its slot.
-  auto step = [&](int i, int slot, auto buf) {
+  // The block's stage i (stage st of the tile; ring slot `slot`, fragments frag[buf]): decode it
+  // while stage i - 1 multiplies, queue its multiplies, then retire stage i - 1's and free its slot.
+  auto step = [&](int i, int st, int slot, const uint8_t* stage_scales, auto buf) {
     constexpr int b = decltype(buf)::value;
     tma::mbarrier_wait(w_arrived + slot, uint32_t(i / S) & 1);
     tma::mbarrier_wait(x_arrived + slot, uint32_t(i / S) & 1);
 #pragma unroll
-    for (int a = 0; a < kAtoms; ++a) decode(frag[b][a], slot, stage_begin + i, a);
+    for (int a = 0; a < kAtoms; ++a) decode(frag[b][a], slot, stage_scales, st, a);
     wgmma::fence();
     wgmma::pin(acc);
 #pragma unroll
@@ -281,21 +393,80 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
     for (int a = 0; a < kAtoms; ++a) wgmma::keep(frag[1 - b][a]);  // (stage i - 1's group is retired)
     if (i >= 1 && i - 1 + S < stages) barrier_arrive(kEmpty + (slot == 0 ? S - 1 : slot - 1));
   };
-  // (stages is even: see launch. A conditional second step would merge two versions of the
-  // fragments and accumulators while a group is in flight, and ptxas would serialize the multiplies.)
+  // The block's stages tile by tile: the sums of a tile it takes whole go to y, those of a shared
+  // one to the workspace. (A tile's stages come in pairs: see WsWork. A conditional second step
+  // would merge two versions of the fragments and accumulators while a group is in flight, and
+  // ptxas would serialize the multiplies.)
   int slot = 0;
-  for (int i = 0; i < stages; i += 2) {
-    step(i, slot, std::integral_constant<int, 0>());
-    slot = slot + 1 == S ? 0 : slot + 1;
-    step(i + 1, slot, std::integral_constant<int, 1>());
-    slot = slot + 1 == S ? 0 : slot + 1;
-  }
-  wgmma::wait<0>();
-  wgmma::pin(acc);
+  StageCursor at(work, stage_begin);
+  // Grouped scales: the ring slot of the scale group being multiplied. A stage pair lies in one group
+  // (4 atoms: two pairs of one-atom stages or one of two-atom ones), so a group opens where a pair
+  // begins at a multiple of 4 atoms, or the block begins (its first pair may lie inside a group).
+  int group_slot = 0;
+  for (int i = 0; i < stages;) {
+    int st = at.st;
+    const int run = min(stages - i, int(work.tile_stages) - st);
+    const int64_t tile = at.tile(work), batch0 = int64_t(at.batch_tile) * BN;
+    const int64_t tile_row0 = int64_t(at.feature_tile) * C::kTileRows;
+    at.advance(work, run);
 #pragma unroll
-  for (int a = 0; a < kAtoms; ++a) wgmma::keep(frag[0][a]), wgmma::keep(frag[1][a]);
+    for (int r = 0; r < 2; ++r) {
+      const int64_t f = tile_row0 + warp_row + 8 * r + g;
+      row_valid[r] = f < n;
+      row_elem[r] = (row_valid[r] ? f : n - 1) * k;
+    }
+#pragma unroll
+    for (int j = 0; j < BN / 2; ++j) acc[j] = 0.0f;
+    for (const int end = i + run; i < end; i += 2, st += 2) {
+      if (kGroupedScales && (st * kAtoms) % 4 == 0 && i != 0)
+        group_slot = group_slot + 1 == C::kScaleSlots ? 0 : group_slot + 1;
+      // (the pair's first atom is 4-atom aligned for two-atom stages, else 0 or 2 into its group)
+      const uint8_t* const pair_scales = gring + group_slot * C::kGroupBytes + ((st * kAtoms) & 3) * 4;
+      step(i, st, slot, pair_scales, std::integral_constant<int, 0>());
+      slot = slot + 1 == S ? 0 : slot + 1;
+      step(i + 1, st + 1, slot, pair_scales + kAtoms * 4, std::integral_constant<int, 1>());
+      slot = slot + 1 == S ? 0 : slot + 1;
+    }
+    wgmma::wait<0>();
+    wgmma::pin(acc);
+#pragma unroll
+    for (int a = 0; a < kAtoms; ++a) wgmma::keep(frag[0][a]), wgmma::keep(frag[1][a]);
+    constexpr int64_t kTileSums = C::kTileRows * BN;
+    const int64_t shared_tile = tile - work.whole_blocks, shared_block = blockIdx.x - work.whole_blocks;
+    if (blockIdx.x < work.whole_blocks)
+      wgmma::store_accumulators(acc, tile_row0 + warp_row, batch0, m, n, bias, y, nullptr);
+    else if (work.in_slots)
+      put_tile_sums<false>(sums + (shared_block + shared_tile) * kTileSums, acc, consumer, batch0, m);
+    else
+      put_tile_sums<true>(sums + shared_tile * kTileSums, acc, consumer, batch0, m);
+  }
+}
 
-  wgmma::store_accumulators(acc, tile_row0 + warp_row, batch0, m, n, bias, y, partial);
+// Writes the shared tiles' sums (WsWork) to y, with the bias: block (s, h) takes float4 h of shared
+// tile s (the thread's batch rows 8 h + [0, 8): many small blocks, as the sums are read at L2 speed
+// only with many loads in flight; one per tile took 20 us at batch 1024, (14336, 4096), and four
+// float4s per thread 3.8 us at batch 17 against the y-ordered sums' 3.0), thread c the values
+// consumer thread c held; in slots, those of the tile's blocks added in block order.
+template <typename T, int BN>
+__global__ void __launch_bounds__(256) finish_shared_tiles(const float* __restrict__ sums, WsWork work, int64_t m,
+                                                           int64_t n, const T* __restrict__ bias, T* __restrict__ y) {
+  constexpr int64_t kTileSums = 128 * BN;
+  const int64_t s = blockIdx.x, tile = work.whole_blocks + s;
+  const int q = blockIdx.y;
+  const int64_t batch0 = tile % work.batch_tiles * BN + 8 * q;  // (float4 q: batch rows 8 q + [0, 8))
+  if (batch0 >= m) return;  // (block-uniform)
+  int64_t first = s, last = s;
+  if (work.in_slots) {
+    const int64_t pairs = work.tile_stages / 2;
+    first = work.block_of_pair(s * pairs) + s, last = work.block_of_pair((s + 1) * pairs - 1) + s;
+  }
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int64_t slot = first; slot <= last; ++slot) {
+    const float4 v = __ldcg(reinterpret_cast<const float4*>(sums + slot * kTileSums) + q * 256 + threadIdx.x);
+    acc[0] += v.x, acc[1] += v.y, acc[2] += v.z, acc[3] += v.w;
+  }
+  wgmma::store_accumulators(acc, tile / work.batch_tiles * 128 + consumer_warp_row(threadIdx.x), batch0, m, n, bias,
+                            y, nullptr);
 }
 
 #undef FP4_SM90_ONLY
@@ -310,16 +481,49 @@ CUtensorMap activation_map(const void* x, fp4_dtype dtype, int64_t m, int64_t k,
 // Atoms per stage of the batch tiles of <= 128 rows where k % 256 == 0 (BN 256: 1).
 constexpr int kSmallAtoms = 2;
 
-// The grid for batch m (batch tiles vary fastest: the blocks that share a weight tile run together
-// and read it once). The kernel takes its stages in pairs (one per fragment buffer), so every
-// split's count is even; k % (2 * C::kStageK) == 0 (checked by the callers).
+// Sharing a grid's last wave pays where the SM time it saves outweighs the sums' trips through the
+// workspace: idle tiles x k (a tile's time grows with k) >= kShareGain x slots x BN (a slot's
+// bytes grow with BN). Measured on the H100, bf16 nf4, us without / with sharing (idle tiles x k /
+// slots x BN): (28672, 8192) batch 64 90.0 / 86.7 (22.9), 128 119.5 / 114.8 (11.4), 256 180.5 /
+// 178.6 (5.7), 512 361.1 / 331.2 (13.9), 1024 678.7 / 708.9 (3.8); (14336, 4096) batch 512 101.5 /
+// 104.1 (2.9), 1024 194.9 / 183.1 (7.0).
+constexpr int64_t kShareGain = 5;
+
+// How the blocks share the tiles of batch m (WsWork). One wave or less: whole tiles, k split as in
+// the register-operand kernel where that fills the SMs (one_wave_splits; every block then shares).
+// More than one wave: whole tiles, and where it pays (kShareGain) the tiles of the last wave
+// (rounded to whole feature tiles, so the finish writes nothing a whole block wrote) are shared by
+// one block per SM. FP4_CUDA_WS_SHARE=0 never shares the last wave, =1 always does (as does a single
+// wave then; tests).
 template <typename C>
-dim3 ws_grid(int64_t m, int64_t n, int64_t k, int device, int64_t& per_split) {
-  const int64_t stages = k / C::kStageK;
-  dim3 grid = one_block_per_sm_grid(m, n, C::kBatchRows, C::kTileRows, stages, C::kStageK, device, per_split);
-  per_split += per_split % 2;
-  grid.z = unsigned((stages + per_split - 1) / per_split);
-  return grid;
+WsWork ws_work(int64_t m, int64_t n, int64_t k, int device) {
+  const int64_t batch_tiles = (m + C::kBatchRows - 1) / C::kBatchRows, feature_tiles = (n + C::kTileRows - 1) / C::kTileRows;
+  const int64_t tiles = batch_tiles * feature_tiles, tile_stages = k / C::kStageK, capacity = sm_count(device);
+  if (tiles * tile_stages >= (int64_t(1) << 31) || capacity >= 1024)
+    fail(FP4_ERROR_NOT_SUPPORTED, "gemm_4bit: m x n x k too large for the warp-specialized kernel's stage count");
+  WsWork work{tile_stages, batch_tiles, tiles, tiles, 0, 0, false};
+  const char* forced = std::getenv("FP4_CUDA_WS_SHARE");
+  const int force = forced && std::strcmp(forced, "0") == 0 ? 0 : forced && std::strcmp(forced, "1") == 0 ? 1 : -1;
+  int64_t shared_from = tiles;  // (the first shared tile)
+  if (tiles <= capacity && force != 1) {
+    if (one_wave_splits(tiles, tile_stages, C::kStageK, capacity) > 1) shared_from = 0;
+  } else if (tiles % capacity != 0) {
+    const int64_t from = tiles / capacity * capacity / batch_tiles * batch_tiles;
+    const int64_t idle = (tiles + capacity - 1) / capacity * capacity - tiles;
+    const int64_t slots = tiles - from + std::min(capacity, (tiles - from) * tile_stages / 2);
+    if (force == 1 || (force != 0 && idle * k >= kShareGain * slots * C::kBatchRows)) shared_from = from;
+  }
+  if (shared_from < tiles) {
+    work.whole_blocks = shared_from;
+    work.shared_pairs = (tiles - shared_from) * tile_stages / 2;
+    const int64_t splits = shared_from == 0 ? one_wave_splits(tiles, tile_stages, C::kStageK, capacity) : 0;
+    work.shared_blocks = std::min(work.shared_pairs, splits > 1 ? tiles * splits : capacity);
+    // (past one wave: shared tiles <= tiles - capacity + batch_tiles - 1, blocks <= capacity)
+    work.in_slots = work.shared_blocks + (tiles - shared_from) <= tiles + batch_tiles;
+  }
+  work.by_tile_stages = FastDivisor::of(tile_stages), work.by_batch_tiles = FastDivisor::of(batch_tiles);
+  work.by_shared_blocks = FastDivisor::of(std::max<int64_t>(work.shared_blocks, 1));
+  return work;
 }
 
 template <typename T, int BN, int kAtoms, bool kNested, bool kGroupedScales>
@@ -328,9 +532,9 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
   using C = WsConfig<BN, kAtoms, kGroupedScales>;
   constexpr auto kernel = gemm_wgmma_ws_kernel<T, BN, kAtoms, kNested, kGroupedScales>;
   allow_dynamic_smem<kernel>(exec.device_index, C::kSmemBytes);
+  // (the kernel takes a tile's stages in pairs, one per fragment buffer)
   if (k % (2 * C::kStageK) != 0) fail(FP4_ERROR_INTERNAL, "gemm_4bit warp-specialized kernel: k % (2 stages) != 0");
-  int64_t per_split = 0;
-  const dim3 grid = ws_grid<C>(m, n, k, exec.device_index, per_split);
+  const WsWork work = ws_work<C>(m, n, k, exec.device_index);
   const CUtensorMap x_map = activation_map(x, std::is_same_v<T, __half> ? FP4_FLOAT16 : FP4_BFLOAT16, m, k, BN);
   // (boxes of a stage's kRowBytes x the tile's rows in the swizzle of that span: weight_piece; every
   // GEMM's packed is 16-byte aligned, api.cpp)
@@ -338,16 +542,29 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
       tma::map_2d(packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, k / 2, n, k / 2, C::kRowBytes, C::kTileRows,
                   C::kRowBytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_32B, "packed");
   cudaStream_t stream = stream_of(exec);
-  with_partial_sums(grid.z > 1, workspace, m, n, bias, y, stream, [&](float* partial) {
-    kernel<<<grid, C::kThreads, C::kSmemBytes, stream>>>(x_map, w_map, m, k, packed, scales, nested_shift(scales), n,
-                                                         blocksize_log2, code, per_split, bias, y, partial);
-    check_launch("gemm_4bit warp-specialized wgmma kernel");
-  });
+  // (tiles + batch_tiles tiles of sums fit the workspace: gemm_4bit_wgmma_ws_sums_bytes)
+  const int64_t shared_tiles = work.shared_tiles();
+  if (shared_tiles > 0 && !work.in_slots)
+    check(cudaMemsetAsync(workspace, 0, size_t(shared_tiles) * C::kTileRows * BN * sizeof(float), stream),
+          "cudaMemsetAsync");
+  kernel<<<unsigned(work.blocks()), C::kThreads, C::kSmemBytes, stream>>>(
+      x_map, w_map, m, k, packed, scales, nested_shift(scales), n, blocksize_log2, code, work, bias, y, workspace);
+  check_launch("gemm_4bit warp-specialized wgmma kernel");
+  if (shared_tiles > 0) {
+    finish_shared_tiles<T, BN><<<dim3(unsigned(shared_tiles), BN / 8), 256, 0, stream>>>(workspace, work, m, n, bias, y);
+    check_launch("gemm_4bit warp-specialized finish kernel");
+  }
 }
 
 }  // namespace
 
 bool gemm_4bit_wgmma_ws_takes_small_batch(int64_t k) { return k % (2 * WsConfig<64, kSmallAtoms>::kStageK) == 0; }
+
+size_t gemm_4bit_wgmma_ws_sums_bytes(int64_t m, int64_t n) {
+  const int64_t bn = m <= 32 ? 32 : m <= 64 ? 64 : m <= 128 ? 128 : 256;  // (the batch tile: gemm_4bit_wgmma_ws)
+  // (all the tiles and one more feature tile: WsWork's slots)
+  return size_t((m + bn - 1) / bn * bn) * size_t((n + 127) / 128 * 128 + 128) * sizeof(float);
+}
 
 void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m,
                         int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize,

@@ -298,18 +298,22 @@ inline int64_t wave_filling_splits(int64_t tiles, int64_t stages, int64_t capaci
   return splits;
 }
 
-// The grid of the Hopper GEMMs (one block per SM): (batch tiles, feature tiles, k splits). k is
-// split into as many parts as one wave still holds all the blocks, each keeping >= 1024 columns:
-// splits that spill into a second wave buy nothing and add fp32 partial sums (splitting 96 tiles
-// into 192 blocks cost 15-45%, docs/perf-log.md). Measured on the H100 at batch 64, (28672, 8192)
-// unsplit (112 blocks) 137 us vs 7 splits (99% of a wave) 162 us (the partial sums cost more than
-// idle SMs); (4096, 14336) 7 splits 47 us vs 1: 256 us. Sets stages_per_split.
+// How many ways the Hopper GEMMs (one block per SM) split k for `tiles` tiles of `stages` stages:
+// as many as one wave still holds all the blocks, each keeping >= 1024 columns: splits that spill
+// into a second wave buy nothing and add fp32 partial sums (splitting 96 tiles into 192 blocks cost
+// 15-45%, docs/perf-log.md). Measured on the H100 at batch 64, (28672, 8192) unsplit (112 blocks)
+// 137 us vs 7 splits (99% of a wave) 162 us (the partial sums cost more than idle SMs); (4096,
+// 14336) 7 splits 47 us vs 1: 256 us.
+inline int64_t one_wave_splits(int64_t tiles, int64_t stages, int stage_k, int64_t capacity) {
+  int64_t splits = 1;
+  while (tiles * (splits + 1) <= capacity && stages / (splits + 1) >= 1024 / stage_k) ++splits;
+  return splits;
+}
+// The grid of gemm_wgmma.cu's kernel: (batch tiles, feature tiles, k splits). Sets stages_per_split.
 inline dim3 one_block_per_sm_grid(int64_t m, int64_t n, int batch_rows, int feature_rows, int64_t stages,
                                   int stage_k, int device, int64_t& stages_per_split) {
   const int64_t batch_tiles = (m + batch_rows - 1) / batch_rows, feature_tiles = (n + feature_rows - 1) / feature_rows;
-  const int64_t tiles = batch_tiles * feature_tiles, capacity = sm_count(device);
-  int64_t splits = 1;
-  while (tiles * (splits + 1) <= capacity && stages / (splits + 1) >= 1024 / stage_k) ++splits;
+  const int64_t splits = one_wave_splits(batch_tiles * feature_tiles, stages, stage_k, sm_count(device));
   stages_per_split = (stages + splits - 1) / splits;
   const int64_t used_splits = (stages + stages_per_split - 1) / stages_per_split;
   return dim3(unsigned(batch_tiles), unsigned(feature_tiles), unsigned(used_splits));
@@ -352,5 +356,7 @@ void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtyp
                         const void* bias, void* y, float* workspace);
 // Whether it can take batch 17-64: its tiles of <= 64 batch rows take stages of 128 columns, in pairs.
 bool gemm_4bit_wgmma_ws_takes_small_batch(int64_t k);
+// The bytes of fp32 sums it may need in the workspace for batch m (WsWork).
+size_t gemm_4bit_wgmma_ws_sums_bytes(int64_t m, int64_t n);
 
 }  // namespace fp4::cuda

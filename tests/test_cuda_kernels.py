@@ -288,6 +288,62 @@ def test_batch_17_to_64_kernel_choice(monkeypatch):
         _check(layer, x, "gemm")
 
 
+# (batch, waves, extra feature tiles, in_features, format, nested, blocksize): feature tiles =
+# waves x SMs / batch tiles + extra (waves 0: 4 feature tiles). The batch tiles of 256 rows (one
+# 64-column slice per stage, scales in groups of four slices, so shared runs of stage pairs begin
+# inside a group), 256 rows with nested statistics and a last feature tile of 16 rows, 64 and 128
+# rows (two slices per stage), a single wave, and three waves but for 4 tiles (too little idle to
+# pay for sharing).
+_SHARED_WAVES = [(1024, 1, 4, 4096, "nf4", False, 64), (300, 1, 4, 1280, "fp4", True, 64),
+                 (64, 1, 8, 512, "nf4", False, 64), (100, 1, 3, 768, "nf4", False, 128),
+                 (130, 0, 4, 1280, "fp4", False, 64), (1024, 3, -1, 1024, "nf4", False, 64)]
+
+
+def _shares_by_default(batch_rows, batch_tiles, feature_tiles, in_features, sms):
+    """ws_work's rule (gemm_wgmma_ws.cu): past one wave, share the last one where idle tiles x k >=
+    5 x (shared tiles + shared blocks) x batch tile rows."""
+    tiles = batch_tiles * feature_tiles
+    if tiles <= sms or tiles % sms == 0:
+        return False
+    stage_k = 64 if batch_rows == 256 else 128
+    first = tiles // sms * sms // batch_tiles * batch_tiles
+    idle = -(-tiles // sms) * sms - tiles
+    slots = tiles - first + min(sms, (tiles - first) * (in_features // stage_k) // 2)
+    return idle * in_features >= 5 * slots * batch_rows
+
+
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+@pytest.mark.parametrize("share", ["", "1", "0"], ids=["default", "shared", "whole"])
+@pytest.mark.parametrize("batch,waves,extra_tiles,in_features,quant_type,double_quant,blocksize", _SHARED_WAVES,
+                         ids=str)
+def test_warp_specialized_gemm_shares_the_last_wave(monkeypatch, share, batch, waves, extra_tiles, in_features,
+                                                    quant_type, double_quant, blocksize):
+    """A few more tiles than SMs would leave most SMs idle in a second wave: where that pays (and
+    forced by FP4_CUDA_WS_SHARE=1) whole feature tiles of that wave are shared by all SMs in runs of
+    stage pairs that cross tiles, their sums stored in workspace slots and added up by
+    finish_shared_tiles; =0 keeps whole tiles; =1 shares a single partial wave too (sums added
+    atomically). Every output lands (y poisoned first)."""
+    monkeypatch.setenv("FP4_CUDA_WS_SHARE", share)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch_rows = 256 if batch > 128 else 128 if batch > 64 else 64
+    batch_tiles = -(-batch // batch_rows)
+    feature_tiles = waves * sms // batch_tiles + extra_tiles if waves else 4
+    out_features = 128 * feature_tiles - (112 if double_quant else 0)  # (nested: a last tile of 16 rows)
+    layer = _layer(out_features, in_features, torch.bfloat16, quant_type, double_quant, blocksize)
+    x = torch.randn(batch, in_features, device="cuda", dtype=torch.bfloat16)
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    names = _cuda_kernel_names(lambda: ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm"))
+    assert "gemm_wgmma_ws_kernel" in names, names
+    default = _shares_by_default(batch_rows, batch_tiles, feature_tiles, in_features, sms)
+    if waves == 1:
+        assert default  # (the cases meant to share by default do)
+    if (waves, extra_tiles) == (3, -1):
+        assert not default
+    shared = share == "1" or (share == "" and default)
+    assert ("finish_shared_tiles" in names) == shared, names
+    _check(layer, x, "gemm")
+
+
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
 @pytest.mark.parametrize("batch", [1, 5, 9, 16])
 def test_small_batches_without_room_for_the_stream_kernel(monkeypatch, batch, double_quant):

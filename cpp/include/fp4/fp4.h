@@ -123,7 +123,8 @@ FP4_API fp4_status fp4_linear_4bit(const fp4_exec* exec, fp4_quant_type quant_ty
 /* The same product on tensor cores (CUDA, float16/bfloat16 x and y), for any batch m: reads the
  * 4-bit weight once per tile of batch rows (16 to 256), dequantizes on the fly. Needs k % 128 == 0,
  * x and packed 16-byte aligned (FP4_ERROR_NOT_SUPPORTED otherwise). Small batches split k across
- * blocks and meet in `workspace`: fp4_gemm_4bit_workspace_size(m, n) bytes of device memory on
+ * blocks, and on Hopper a grid's last wave may be shared by all SMs; their partial sums meet in
+ * `workspace`: fp4_gemm_4bit_workspace_size(m, n) bytes of device memory on
  * exec's device (contents are scratch; NULL is allowed only when that size is 0; for m <= 16 it is
  * at least 512 KiB per batch row). On GPUs whose blocks hold ~200 KB of shared memory (H100),
  * batches m <= 16 add the split sums in a fixed order: the same inputs give the same bits on every
