@@ -312,18 +312,8 @@ def _shares_by_default(batch_rows, batch_tiles, feature_tiles, in_features, sms)
     return idle * in_features >= 5 * slots * batch_rows
 
 
-@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
-@pytest.mark.parametrize("share", ["", "1", "0"], ids=["default", "shared", "whole"])
-@pytest.mark.parametrize("batch,waves,extra_tiles,in_features,quant_type,double_quant,blocksize", _SHARED_WAVES,
-                         ids=str)
-def test_warp_specialized_gemm_shares_the_last_wave(monkeypatch, share, batch, waves, extra_tiles, in_features,
-                                                    quant_type, double_quant, blocksize):
-    """A few more tiles than SMs would leave most SMs idle in a second wave: where that pays (and
-    forced by FP4_CUDA_WS_SHARE=1) whole feature tiles of that wave are shared by all SMs in runs of
-    stage pairs that cross tiles, their sums stored in workspace slots and added up by
-    finish_shared_tiles; =0 keeps whole tiles; =1 shares a single partial wave too (sums added
-    atomically). Every output lands (y poisoned first)."""
-    monkeypatch.setenv("FP4_CUDA_WS_SHARE", share)
+def _shared_wave_case(batch, waves, extra_tiles, in_features, quant_type, double_quant, blocksize):
+    """The layer, activations and tiling of a _SHARED_WAVES case."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     batch_rows = 256 if batch > 128 else 128 if batch > 64 else 64
     batch_tiles = -(-batch // batch_rows)
@@ -331,17 +321,42 @@ def test_warp_specialized_gemm_shares_the_last_wave(monkeypatch, share, batch, w
     out_features = 128 * feature_tiles - (112 if double_quant else 0)  # (nested: a last tile of 16 rows)
     layer = _layer(out_features, in_features, torch.bfloat16, quant_type, double_quant, blocksize)
     x = torch.randn(batch, in_features, device="cuda", dtype=torch.bfloat16)
-    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
-    names = _cuda_kernel_names(lambda: ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm"))
-    assert "gemm_wgmma_ws_kernel" in names, names
     default = _shares_by_default(batch_rows, batch_tiles, feature_tiles, in_features, sms)
-    if waves == 1:
-        assert default  # (the cases meant to share by default do)
-    if (waves, extra_tiles) == (3, -1):
-        assert not default
-    shared = share == "1" or (share == "" and default)
-    assert ("finish_shared_tiles" in names) == shared, names
+    return layer, x, default
+
+
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+@pytest.mark.parametrize("share", ["", "1", "0"], ids=["default", "shared", "whole"])
+@pytest.mark.parametrize("case", _SHARED_WAVES, ids=lambda c: f"b{c[0]}-w{c[1]}{c[2]:+d}-k{c[3]}")
+def test_warp_specialized_gemm_shares_the_last_wave(monkeypatch, share, case):
+    """A few more tiles than SMs would leave most SMs idle in a second wave: where that pays (and
+    forced by FP4_CUDA_WS_SHARE=1) whole feature tiles of that wave are shared by all SMs in runs of
+    stage pairs that cross tiles, their sums stored in workspace slots and added up by
+    finish_shared_tiles; =0 keeps whole tiles; =1 shares a single partial wave too (sums added
+    atomically). Every output lands (y poisoned first). (No profiler here: the sanitizers run it.)"""
+    monkeypatch.setenv("FP4_CUDA_WS_SHARE", share)
+    layer, x, _ = _shared_wave_case(*case)
     _check(layer, x, "gemm")
+
+
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+@pytest.mark.parametrize("share", ["", "1", "0"], ids=["default", "shared", "whole"])
+def test_last_wave_sharing_choice(monkeypatch, share):
+    """The cases above run what they name: finish_shared_tiles runs where FP4_CUDA_WS_SHARE=1, or
+    unset where ws_work's rule (_shares_by_default) says sharing pays, which it does for the cases
+    of one wave and a few tiles and not for three waves but for 4 tiles."""
+    monkeypatch.setenv("FP4_CUDA_WS_SHARE", share)
+    for case in _SHARED_WAVES:
+        layer, x, default = _shared_wave_case(*case)
+        waves, extra_tiles = case[1], case[2]
+        if waves == 1:
+            assert default, case
+        if (waves, extra_tiles) == (3, -1):
+            assert not default, case
+        args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+        names = _cuda_kernel_names(lambda: ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm"))
+        assert "gemm_wgmma_ws_kernel" in names, (case, names)
+        assert ("finish_shared_tiles" in names) == (share == "1" or (share == "" and default)), (case, names)
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
