@@ -118,22 +118,6 @@ __device__ __forceinline__ int weight_piece(int r, int q) {
   return r * kRowBytes + ((q ^ ((r * kRowBytes >> 7) & (kRowBytes / 16 - 1))) << 4);
 }
 
-// Which k stages of which tiles each block multiplies. Tile t is batch tile t % batch_tiles and
-// feature tile t / batch_tiles (batch tiles vary fastest: the blocks that share a weight tile run
-// together and read it once); its stages are numbered t * tile_stages + [0, tile_stages). Blocks
-// [0, whole_blocks) take tile `block` whole and write y. The shared_blocks after them share the
-// stages of the tiles from whole_blocks on (shared_pairs pairs: the kernel takes stages in pairs)
-// evenly and in order, so a block's run may end inside one tile and go on in the next ("stream-K").
-// Sharing spreads work that would leave SMs idle in a grid's last wave (or in its only one) over
-// all of them. The sums of shared tile s (tile whole_blocks + s) meet in the workspace, as tiles of
-// kTileRows x BN floats in the order the consumer threads hold them (put_tile_sums), and
-// finish_shared_tiles writes them to y:
-//  - in_slots: shared block j stores its sums of tile s in slot j + s (unique: each next run is
-//    one block or one tile on), and the finish adds the slots of a tile's blocks in order (the same
-//    bits on every call). Needs shared_blocks + shared tiles slots (ws_work: <= tiles + batch_tiles).
-//  - else (a single wave split many ways: more blocks than that): slot s, zeroed first, and the
-//    blocks add into it atomically. Atomics cost more per byte (measured at batch 256, (28672,
-//    8192): sharing the second wave was 5% slower than not) but the batch is small there.
 // n / d for n < 2^31 by a d fixed on the host, without a division: a multiply-high, an add and a
 // shift (round-up multiplier, as in Granlund & Montgomery), on the uniform datapath where n is
 // warp-uniform (a division or a 64-bit one's call leaves its result in vector registers, and all
@@ -150,6 +134,22 @@ struct FastDivisor {
   __device__ uint32_t divide(uint32_t n) const { return (__umulhi(n, multiplier) + n) >> shift; }
 };
 
+// Which k stages of which tiles each block multiplies. Tile t is batch tile t % batch_tiles and
+// feature tile t / batch_tiles (batch tiles vary fastest: the blocks that share a weight tile run
+// together and read it once); its stages are numbered t * tile_stages + [0, tile_stages). Blocks
+// [0, whole_blocks) take tile `block` whole and write y. The shared_blocks after them share the
+// stages of the tiles from whole_blocks on (shared_pairs pairs: the kernel takes stages in pairs)
+// evenly and in order, so a block's run may end inside one tile and go on in the next ("stream-K").
+// Sharing spreads work that would leave SMs idle in a grid's last wave (or in its only one) over
+// all of them. The sums of shared tile s (tile whole_blocks + s) meet in the workspace, as tiles of
+// kTileRows x BN floats in the order the consumer threads hold them (put_tile_sums), and
+// finish_shared_tiles writes them to y:
+//  - in_slots: shared block j stores its sums of tile s in slot j + s (unique: each next run is
+//    one block or one tile on), and the finish adds the slots of a tile's blocks in order (the same
+//    bits on every call). Needs shared_blocks + shared tiles slots (ws_work: <= tiles + batch_tiles).
+//  - else (a single wave split many ways: more blocks than that): slot s, zeroed first, and the
+//    blocks add into it atomically. Atomics cost more per byte (measured at batch 256, (28672,
+//    8192): sharing the second wave was 5% slower than not) but the batch is small there.
 struct WsWork {
   int64_t tile_stages, batch_tiles, tiles, whole_blocks, shared_pairs, shared_blocks;
   bool in_slots;
@@ -500,7 +500,8 @@ WsWork ws_work(int64_t m, int64_t n, int64_t k, int device) {
   const int64_t batch_tiles = (m + C::kBatchRows - 1) / C::kBatchRows, feature_tiles = (n + C::kTileRows - 1) / C::kTileRows;
   const int64_t tiles = batch_tiles * feature_tiles, tile_stages = k / C::kStageK, capacity = sm_count(device);
   if (tiles * tile_stages >= (int64_t(1) << 31) || capacity >= 1024)
-    fail(FP4_ERROR_NOT_SUPPORTED, "gemm_4bit: m x n x k too large for the warp-specialized kernel's stage count");
+    fail(FP4_ERROR_NOT_SUPPORTED, "gemm_4bit: m x n x k (tiles x stages >= 2^31) or the device's SM count (>= 1024) "
+                                  "too large for the warp-specialized kernel's 32-bit stage walk");
   WsWork work{tile_stages, batch_tiles, tiles, tiles, 0, 0, false};
   const char* forced = std::getenv("FP4_CUDA_WS_SHARE");
   const int force = forced && std::strcmp(forced, "0") == 0 ? 0 : forced && std::strcmp(forced, "1") == 0 ? 1 : -1;
