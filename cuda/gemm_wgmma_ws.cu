@@ -56,7 +56,13 @@ struct WsConfig {
   static constexpr size_t kSStageBytes = size_t(kTileRows) * 2 * 4 * kAtoms;      // scale words, nested group absmax
   // Pair-table rows of 128 bytes: one copy per lane, so the lookups never conflict on banks.
   static constexpr size_t kTableBytes = 256 * 128;
-  static constexpr size_t kFixedBytes = 1024 + kTableBytes + kCodeBytes;  // (+1024: the rings are aligned by hand)
+  // Each consumer warp's staging rows for the stores to y (store_tile_rows): 32 batch rows x 16
+  // features. Grouped scales leave the per-stage scale words unused (below): two-atom stages' hold
+  // them (>= 4 stages x 2 KB), so the stages that fit stay as many; else they take room of their own.
+  static constexpr size_t kStagingBytes = 8 * 32 * 16 * 2;
+  static constexpr bool kStagingInScaleRing = kGroupedScales && kAtoms == 2;
+  static constexpr size_t kFixedBytes =
+      1024 + kTableBytes + (kStagingInScaleRing ? 0 : kStagingBytes) + kCodeBytes;  // (+1024: the rings are aligned by hand)
   static constexpr size_t kPerStage = kXStageBytes + kWStageBytes + kSStageBytes + 2 * sizeof(uint64_t);
   static constexpr size_t kBudget = 227 * 1024;  // (one block per SM)
   // Grouped scales (plain blocksize-64 absmax, 16-byte aligned, k % 256 == 0): a row's 4 scales of 4
@@ -86,6 +92,7 @@ struct WsConfig {
   static constexpr int kProducerRegisters = 40, kConsumerRegisters = 232;
   static constexpr size_t kSmemBytes = kFixedBytes + kStages * kPerStage + kScaleSlots * kGroupBytes;
   static_assert(kSmemBytes <= kBudget, "one block per SM");
+  static_assert(!kStagingInScaleRing || kStages * kSStageBytes >= kStagingBytes, "the staging rows fit the scale ring");
   static_assert(1 + kStages <= 16, "named barriers: 0 for __syncthreads, EMPTY per slot");
 };
 
@@ -217,6 +224,56 @@ __device__ __forceinline__ void put_tile_sums(float* tile_sums, const float (&d)
   }
 }
 
+// Stores four 8 x 8 16-bit matrices of mma fragments transposed (sm_90): matrix q from lanes 8 q +
+// [0, 8)'s row addresses, row c holding the fragment's column c.
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t address, const uint32_t (&r)[4]) {
+  FP4_SM90_ONLY(asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(address),
+                             "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+                             : "memory"));
+}
+
+// A consumer warp's sums of a whole tile (features row0 + [0, 16), batch rows batch0 + [0, BN):
+// wgmma::store_accumulators' layout) plus bias, stored to y in 16-byte pieces of its rows: 32 batch
+// rows at a time go through the warp's staging rows (stmatrix transposes the fragments into 8
+// features of one batch row per 16 bytes; halves swapped every 4 rows, so neither the transposing
+// stores nor the row reads conflict on banks), then each lane stores whole pieces. 16 vector stores
+// per 256 batch rows instead of 128 of 2 bytes, which took 5-10% of the kernel at batch 256-1024
+// (perf log). Needs n % 8 == 0 and y 16-byte aligned (a piece is then all in y or all past n).
+template <typename T, int BN>
+__device__ __forceinline__ void store_tile_rows(const float (&d)[BN / 2], uint8_t* staging, int64_t row0,
+                                                int64_t batch0, int64_t m, int64_t n, const T* bias, T* y,
+                                                int lane) {
+  const int g = lane / 4, q = lane / 8, c = lane % 8;
+  float bias_of[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    if (bias != nullptr && row0 + g + 8 * h < n) bias_of[h] = load_as_float(bias + row0 + g + 8 * h);
+  auto piece_at = [](int b, int half) { return b * 32 + ((half ^ ((b >> 2) & 1)) << 4); };
+  const uint32_t staging_address = uint32_t(__cvta_generic_to_shared(staging));
+#pragma unroll
+  for (int chunk = 0; chunk < BN / 32; ++chunk) {
+#pragma unroll
+    for (int pair = 0; pair < 2; ++pair) {  // (batch octets 4 chunk + 2 pair + [0, 2), both feature halves)
+      uint32_t r[4];
+#pragma unroll
+      for (int mat = 0; mat < 4; ++mat) {
+        const int i = 4 * (4 * chunk + 2 * pair + mat / 2) + 2 * (mat % 2);
+        r[mat] = Pair<T>::of(d[i] + bias_of[mat % 2], d[i + 1] + bias_of[mat % 2]);
+      }
+      stmatrix_x4_trans(staging_address + piece_at(8 * (2 * pair + q / 2) + c, q % 2), r);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int half_rows = 0; half_rows < 2; ++half_rows) {
+      const int piece = 32 * half_rows + lane, b = piece / 2, half = piece % 2;
+      const uint4 v = *reinterpret_cast<const uint4*>(staging + piece_at(b, half));
+      const int64_t batch = batch0 + 32 * chunk + b, f = row0 + 8 * half;
+      if (batch < m && f < n) *reinterpret_cast<uint4*>(y + batch * n + f) = v;
+    }
+    __syncwarp();  // (the next chunk's stmatrix overwrites the rows just read)
+  }
+}
+
 // Where warp w of consumer thread c's warpgroup holds rows of a tile: rows warp_row + [0, 16).
 __device__ __forceinline__ int consumer_warp_row(int consumer) { return 64 * (consumer / 128) + 16 * ((consumer / 32) % 4); }
 
@@ -226,7 +283,7 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
                          int64_t m, int64_t k,
                          const uint8_t* __restrict__ packed, fp4_scales scales, int nested_log2, int64_t n,
                          int blocksize_log2, Code16 code, WsWork work, const T* __restrict__ bias,
-                         T* __restrict__ y, float* __restrict__ sums) {
+                         T* __restrict__ y, bool y_in_pieces, float* __restrict__ sums) {
   using C = WsConfig<BN, kAtoms, kGroupedScales>;
   constexpr int S = C::kStages;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
@@ -237,7 +294,9 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
   uint8_t* const sring = wring + S * C::kWStageBytes;
   uint8_t* const gring = sring + S * C::kSStageBytes;  // [scale slot][row][4 atoms] (kGroupedScales)
   uint8_t* const table = gring + C::kScaleSlots * C::kGroupBytes;
-  float* const codes = reinterpret_cast<float*>(table + C::kTableBytes);
+  // [consumer warp][32 batch rows][16 features] (store_tile_rows)
+  uint8_t* const staging = C::kStagingInScaleRing ? sring : table + C::kTableBytes;
+  float* const codes = reinterpret_cast<float*>(table + C::kTableBytes + (C::kStagingInScaleRing ? 0 : C::kStagingBytes));
   uint64_t* const x_arrived = reinterpret_cast<uint64_t*>(codes + kCodeBytes / sizeof(float));  // [slot]
   uint64_t* const w_arrived = x_arrived + S;                                                      // [slot]
   if (threadIdx.x == 0) {
@@ -433,7 +492,10 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
     for (int a = 0; a < kAtoms; ++a) wgmma::keep(frag[0][a]), wgmma::keep(frag[1][a]);
     constexpr int64_t kTileSums = C::kTileRows * BN;
     const int64_t shared_tile = tile - work.whole_blocks, shared_block = blockIdx.x - work.whole_blocks;
-    if (blockIdx.x < work.whole_blocks)
+    if (blockIdx.x < work.whole_blocks && y_in_pieces)
+      store_tile_rows<T, BN>(acc, staging + (consumer / 32) * (C::kStagingBytes / 8), tile_row0 + warp_row, batch0,
+                             m, n, bias, y, lane);
+    else if (blockIdx.x < work.whole_blocks)
       wgmma::store_accumulators(acc, tile_row0 + warp_row, batch0, m, n, bias, y, nullptr);
     else if (work.in_slots)
       put_tile_sums<false>(sums + (shared_block + shared_tile) * kTileSums, acc, consumer, batch0, m);
@@ -548,8 +610,14 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
   if (shared_tiles > 0 && !work.in_slots)
     check(cudaMemsetAsync(workspace, 0, size_t(shared_tiles) * C::kTileRows * BN * sizeof(float), stream),
           "cudaMemsetAsync");
-  kernel<<<unsigned(work.blocks()), C::kThreads, C::kSmemBytes, stream>>>(
-      x_map, w_map, m, k, packed, scales, nested_shift(scales), n, blocksize_log2, code, work, bias, y, workspace);
+  // y in 16-byte pieces where they are aligned (store_tile_rows); FP4_CUDA_WS_PIECES=0 forces the
+  // element stores (tests: both give the same bits).
+  const char* pieces = std::getenv("FP4_CUDA_WS_PIECES");
+  const bool y_in_pieces = n % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0 &&
+                           !(pieces != nullptr && std::strcmp(pieces, "0") == 0);
+  kernel<<<unsigned(work.blocks()), C::kThreads, C::kSmemBytes, stream>>>(x_map, w_map, m, k, packed, scales,
+                                                                           nested_shift(scales), n, blocksize_log2,
+                                                                           code, work, bias, y, y_in_pieces, workspace);
   check_launch("gemm_4bit warp-specialized wgmma kernel");
   if (shared_tiles > 0) {
     finish_shared_tiles<T, BN><<<dim3(unsigned(shared_tiles), BN / 8), 256, 0, stream>>>(workspace, work, m, n, bias, y);

@@ -104,6 +104,31 @@ def test_warp_specialized_gemm_gives_identical_bits_on_every_call(batch):
     _check(layer, x, "gemm")
 
 
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [20, 50, 100, 300])
+def test_warp_specialized_gemm_stores_y_in_pieces_with_the_same_bits(monkeypatch, dtype, batch):
+    """Whole tiles' sums reach y through each consumer warp's staging rows in 16-byte pieces where n %
+    8 == 0 and y is 16-byte aligned; FP4_CUDA_WS_PIECES=0 stores them element by element. Both round
+    the same sums once, so the bits agree: every batch tile (32, 64, 128, 256 rows), a partial last
+    tile of features (400 = 3 x 128 + 16) and of batch rows, with the bias. An unaligned y and n % 8 !=
+    0 take the element stores. (FP4_CUDA_WS_SHARE=0: these few tiles would otherwise split k.)"""
+    monkeypatch.setenv("FP4_CUDA_WS_SHARE", "0")
+    layer = _layer(400, 1280, dtype)
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    x = torch.randn(batch, 1280, device="cuda", dtype=dtype)
+    pieces = ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm")
+    monkeypatch.setenv("FP4_CUDA_WS_PIECES", "0")
+    elements = ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm")
+    assert torch.equal(pieces, elements)
+    monkeypatch.delenv("FP4_CUDA_WS_PIECES")
+    _check(layer, x, "gemm")
+    unaligned = torch.full((batch * 400 + 1,), float("nan"), device="cuda", dtype=dtype)[1:].view(batch, 400)
+    ops.linear_4bit_prepared(x, args, layer.bias, out=unaligned, kernel="gemm")
+    assert torch.equal(unaligned, pieces)
+    _check(_layer(404, 1280, dtype), x, "gemm")
+
+
 def test_first_gemm_of_a_process_inside_a_cuda_graph_capture():
     """The first GEMM call of a process decides whether the Hopper kernel runs (on sm_90 with a
     probe launch); made inside a CUDA-graph capture it must neither break the capture nor compute
