@@ -143,10 +143,14 @@ struct FastDivisor {
 
 // Which k stages of which tiles each block multiplies. Tile t is batch tile t % batch_tiles and
 // feature tile t / batch_tiles (batch tiles vary fastest: the blocks that share a weight tile run
-// together and read it once); its stages are numbered t * tile_stages + [0, tile_stages). Blocks
-// [0, whole_blocks) take tile `block` whole and write y. The shared_blocks after them share the
-// stages of the tiles from whole_blocks on (shared_pairs pairs: the kernel takes stages in pairs)
-// evenly and in order, so a block's run may end inside one tile and go on in the next ("stream-K").
+// together and read it once); its stages are numbered t * tile_stages + [0, tile_stages). Tiles
+// [0, whole_blocks) are taken whole, their sums written to y, by the `walkers`: block b < walkers
+// takes tiles b, b + walkers, b + 2 walkers, ... (at most one wave of blocks, so the pair table
+// is built and the ring filled once per SM, not once per tile, and the producers fetch a block's
+// next tile while its consumers store the last; the blocks at work at any time still take
+// neighbouring tiles). The shared_blocks after the walkers share the stages of the tiles from
+// whole_blocks on (shared_pairs pairs: the kernel takes stages in pairs) evenly and in order, so a
+// block's run may end inside one tile and go on in the next ("stream-K").
 // Sharing spreads work that would leave SMs idle in a grid's last wave (or in its only one) over
 // all of them. The sums of shared tile s (tile whole_blocks + s) meet in the workspace, as tiles of
 // kTileRows x BN floats in the order the consumer threads hold them (put_tile_sums), and
@@ -158,20 +162,21 @@ struct FastDivisor {
 //    blocks add into it atomically. Atomics cost more per byte (measured at batch 256, (28672,
 //    8192): sharing the second wave was 5% slower than not) but the batch is small there.
 struct WsWork {
-  int64_t tile_stages, batch_tiles, tiles, whole_blocks, shared_pairs, shared_blocks;
+  int64_t tile_stages, batch_tiles, tiles, whole_blocks, shared_pairs, shared_blocks, walkers;
   bool in_slots;
   // (for the kernel's stage walk, all counts < 2^31: ws_work)
   FastDivisor by_tile_stages, by_batch_tiles, by_shared_blocks;
 
-  int64_t blocks() const { return whole_blocks + shared_blocks; }
+  int64_t blocks() const { return walkers + shared_blocks; }
   int64_t shared_tiles() const { return shared_blocks > 0 ? tiles - whole_blocks : 0; }
-  // The stages [begin, end) of block `block`.
+  // The first stage of block `block` and the end of a run that long (a walker's tiles are whole,
+  // not adjacent: stage_end - stage_begin is the count).
   __device__ void stages_of(int64_t block, int64_t& begin, int64_t& end) const {
-    if (block < whole_blocks) {
-      begin = block * tile_stages, end = begin + tile_stages;
+    if (block < walkers) {
+      begin = block * tile_stages, end = begin + (whole_blocks - block + walkers - 1) / walkers * tile_stages;
     } else {
       // (pair j * shared_pairs / shared_blocks, as q j + r j / shared_blocks: r j < 2^31)
-      const uint32_t j = uint32_t(block - whole_blocks), q = uint32_t(shared_pairs / shared_blocks),
+      const uint32_t j = uint32_t(block - walkers), q = uint32_t(shared_pairs / shared_blocks),
                      r = uint32_t(shared_pairs % shared_blocks);
       const int64_t first = whole_blocks * tile_stages;
       begin = first + 2 * int64_t(q * j + by_shared_blocks.divide(r * j));
@@ -318,6 +323,8 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
     // consumers give them scale 0); thread 0 also the stage's weight box and activation tiles, by TMA.
     const int p = threadIdx.x;
     StageCursor next(work, stage_begin);
+    const bool walker = blockIdx.x < work.walkers;
+    int64_t next_tile = blockIdx.x;  // (a walker's: the tile of next)
     int group_slot = 0;  // (grouped scales: the ring slot of the scale group being issued)
     int64_t batch0, tile_row0, row_elem;  // (of next's tile)
     auto enter_tile = [&] {
@@ -362,7 +369,10 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
                        x_arrived + slot);
         }
         next.advance(work);
-        if (next.st == 0) enter_tile();
+        if (next.st == 0) {
+          if (walker) next = StageCursor(work, (next_tile += work.walkers) * work.tile_stages);
+          enter_tile();
+        }
       }
     };
 #pragma unroll
@@ -458,6 +468,7 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
   // ptxas would serialize the multiplies.)
   int slot = 0;
   StageCursor at(work, stage_begin);
+  const bool walker = blockIdx.x < work.walkers;
   // Grouped scales: the ring slot of the scale group being multiplied. A stage pair lies in one group
   // (4 atoms: two pairs of one-atom stages or one of two-atom ones), so a group opens where a pair
   // begins at a multiple of 4 atoms, or the block begins (its first pair may lie inside a group).
@@ -467,7 +478,10 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
     const int run = min(stages - i, int(work.tile_stages) - st);
     const int64_t tile = at.tile(work), batch0 = int64_t(at.batch_tile) * BN;
     const int64_t tile_row0 = int64_t(at.feature_tile) * C::kTileRows;
-    at.advance(work, run);
+    if (walker)
+      at = StageCursor(work, (tile + work.walkers) * work.tile_stages);
+    else
+      at.advance(work, run);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int64_t f = tile_row0 + warp_row + 8 * r + g;
@@ -491,11 +505,11 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
 #pragma unroll
     for (int a = 0; a < kAtoms; ++a) wgmma::keep(frag[0][a]), wgmma::keep(frag[1][a]);
     constexpr int64_t kTileSums = C::kTileRows * BN;
-    const int64_t shared_tile = tile - work.whole_blocks, shared_block = blockIdx.x - work.whole_blocks;
-    if (blockIdx.x < work.whole_blocks && y_in_pieces)
+    const int64_t shared_tile = tile - work.whole_blocks, shared_block = blockIdx.x - work.walkers;
+    if (walker && y_in_pieces)
       store_tile_rows<T, BN>(acc, staging + (consumer / 32) * (C::kStagingBytes / 8), tile_row0 + warp_row, batch0,
                              m, n, bias, y, lane);
-    else if (blockIdx.x < work.whole_blocks)
+    else if (walker)
       wgmma::store_accumulators(acc, tile_row0 + warp_row, batch0, m, n, bias, y, nullptr);
     else if (work.in_slots)
       put_tile_sums<false>(sums + (shared_block + shared_tile) * kTileSums, acc, consumer, batch0, m);
@@ -564,7 +578,7 @@ WsWork ws_work(int64_t m, int64_t n, int64_t k, int device) {
   if (tiles * tile_stages >= (int64_t(1) << 31) || capacity >= 1024)
     fail(FP4_ERROR_NOT_SUPPORTED, "gemm_4bit: m x n x k (tiles x stages >= 2^31) or the device's SM count (>= 1024) "
                                   "too large for the warp-specialized kernel's 32-bit stage walk");
-  WsWork work{tile_stages, batch_tiles, tiles, tiles, 0, 0, false};
+  WsWork work{tile_stages, batch_tiles, tiles, tiles, 0, 0, 0, false};
   const char* forced = std::getenv("FP4_CUDA_WS_SHARE");
   const int force = forced && std::strcmp(forced, "0") == 0 ? 0 : forced && std::strcmp(forced, "1") == 0 ? 1 : -1;
   int64_t shared_from = tiles;  // (the first shared tile)
@@ -584,6 +598,10 @@ WsWork ws_work(int64_t m, int64_t n, int64_t k, int device) {
     // (past one wave: shared tiles <= tiles - capacity + batch_tiles - 1, blocks <= capacity)
     work.in_slots = work.shared_blocks + (tiles - shared_from) <= tiles + batch_tiles;
   }
+  // Whole tiles by at most one wave of walkers (FP4_CUDA_WS_WALK=0: a block per tile, for tests and A/Bs).
+  const char* walk = std::getenv("FP4_CUDA_WS_WALK");
+  work.walkers = walk != nullptr && std::strcmp(walk, "0") == 0 ? work.whole_blocks
+                                                                 : std::min(work.whole_blocks, capacity);
   work.by_tile_stages = FastDivisor::of(tile_stages), work.by_batch_tiles = FastDivisor::of(batch_tiles);
   work.by_shared_blocks = FastDivisor::of(std::max<int64_t>(work.shared_blocks, 1));
   return work;

@@ -129,6 +129,29 @@ def test_warp_specialized_gemm_stores_y_in_pieces_with_the_same_bits(monkeypatch
     _check(_layer(404, 1280, dtype), x, "gemm")
 
 
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+@pytest.mark.parametrize("share", ["0", ""], ids=["whole", "default"])
+@pytest.mark.parametrize("batch", [100, 300])
+def test_warp_specialized_walkers_take_tiles_in_turn(monkeypatch, share, batch):
+    """Past one wave the whole tiles are taken by at most one block per SM, each walking tiles b, b +
+    walkers, ... (the producers fetch the next tile's stages while the consumers store the last);
+    FP4_CUDA_WS_WALK=0 gives every tile a block of its own. A tile's sums are the same either way: the
+    same bits, and right (2-3 tiles per walker; the last feature tile holds 8 rows; by default the
+    last wave is shared too)."""
+    monkeypatch.setenv("FP4_CUDA_WS_SHARE", share)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    batch_tiles = -(-batch // (256 if batch > 128 else 128))
+    out_features = 128 * (-(-2 * sms // batch_tiles) + 3) - 120
+    layer = _layer(out_features, 512, torch.bfloat16)
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    x = torch.randn(batch, 512, device="cuda", dtype=torch.bfloat16)
+    walking = ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm")
+    monkeypatch.setenv("FP4_CUDA_WS_WALK", "0")
+    assert torch.equal(ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm"), walking)
+    monkeypatch.delenv("FP4_CUDA_WS_WALK")
+    _check(layer, x, "gemm")
+
+
 def test_first_gemm_of_a_process_inside_a_cuda_graph_capture():
     """The first GEMM call of a process decides whether the Hopper kernel runs (on sm_90 with a
     probe launch); made inside a CUDA-graph capture it must neither break the capture nor compute

@@ -20,12 +20,12 @@ if [ "$what" = sanitize ] || [ "$what" = all ]; then
     (stream_forms_match and float16) or whole_tiles or chained_layers or two_rows_per_warp or \
     (gemv_pair_table and not where_chosen)"
   warp_specialized="(wgmma_gemm_matches and float16 and (65 or 128 or 130 or 257 or 300 or ws)) or identical_bits or \
-    stream_forms_match or shares_the_last_wave or stores_y_in_pieces"
+    stream_forms_match or shares_the_last_wave or stores_y_in_pieces or walkers"
   for tool in ${TOOLS:-memcheck racecheck synccheck}; do
     case $tool in
       memcheck) selection="$kernels or $warp_specialized" ;;
       racecheck) selection="$kernels or (wgmma_gemm_matches and float16 and (65 or 130 or 300)) or \
-        (shares_the_last_wave and shared and not b1024) or (stores_y_in_pieces and float16)" ;;  # (time)
+        (shares_the_last_wave and shared and not b1024) or (stores_y_in_pieces and float16) or walkers" ;;  # (time)
       synccheck) selection="$warp_specialized" ;;
     esac
     case $tool in memcheck) limit=150 ;; racecheck) limit=500 ;; synccheck) limit=90 ;; esac  # (racecheck: its whole selection in 363 s on the H100)
