@@ -11,9 +11,11 @@
 // with the multiplies' operand reads.
 //
 // A tile is 128 output features x BN batch rows (256 past batch 128, 128 for 65-128, 64 for 33-64,
-// 32 for 17-32), one block per SM; a block multiplies one tile whole, or a run of stages that may
-// cross tiles where blocks share a grid's last (or only) wave (WsWork). A stage is kAtoms slices of 64 columns of k (one swizzle
-// atom of activations each): 2 for the tiles of batch <= 128 (k % 256 == 0), 1 for BN 256. Below
+// 32 for 17-32), one block per SM; a block multiplies whole tiles (every `walkers`-th), or a run of
+// stages that may cross tiles where blocks share a grid's last (or only) wave (WsWork). A stage is
+// kAtoms slices of 64 columns of k (one swizzle atom of activations each): 2 for the tiles of batch
+// <= 128 (k % 256 == 0), 1 for BN 256. Each consumer warp stores its sums of a whole tile to y in
+// 16-byte pieces through staging rows in shared memory (store_tile_rows). Below
 // batch 256 shared memory bounds a stage, not the multiplies: ncu at batch 64 counted each 16-byte
 // cp.async of weights (rows 2-4 KB apart) as its own wavefront, 45% of the block's, which the TMA
 // box replaced, and each scale copy too (16%: now 4 atoms per copy); two atoms halve the per-stage
