@@ -146,15 +146,15 @@ struct FastDivisor {
 // Which k stages of which tiles each block multiplies. Tile t is batch tile t % batch_tiles and
 // feature tile t / batch_tiles (batch tiles vary fastest: the blocks that share a weight tile run
 // together and read it once); its stages are numbered t * tile_stages + [0, tile_stages). Tiles
-// [0, whole_blocks) are taken whole, their sums written to y, by the `walkers`: block b < walkers
+// [0, whole_tiles) are taken whole, their sums written to y, by the `walkers`: block b < walkers
 // takes tiles b, b + walkers, b + 2 walkers, ... (at most one wave of blocks, so the pair table
 // is built and the ring filled once per SM, not once per tile, and the producers fetch a block's
 // next tile while its consumers store the last; the blocks at work at any time still take
 // neighbouring tiles). The shared_blocks after the walkers share the stages of the tiles from
-// whole_blocks on (shared_pairs pairs: the kernel takes stages in pairs) evenly and in order, so a
+// whole_tiles on (shared_pairs pairs: the kernel takes stages in pairs) evenly and in order, so a
 // block's run may end inside one tile and go on in the next ("stream-K").
 // Sharing spreads work that would leave SMs idle in a grid's last wave (or in its only one) over
-// all of them. The sums of shared tile s (tile whole_blocks + s) meet in the workspace, as tiles of
+// all of them. The sums of shared tile s (tile whole_tiles + s) meet in the workspace, as tiles of
 // kTileRows x BN floats in the order the consumer threads hold them (put_tile_sums), and
 // finish_shared_tiles writes them to y:
 //  - in_slots: shared block j stores its sums of tile s in slot j + s (unique: each next run is
@@ -164,23 +164,23 @@ struct FastDivisor {
 //    blocks add into it atomically. Atomics cost more per byte (measured at batch 256, (28672,
 //    8192): sharing the second wave was 5% slower than not) but the batch is small there.
 struct WsWork {
-  int64_t tile_stages, batch_tiles, tiles, whole_blocks, shared_pairs, shared_blocks, walkers;
+  int64_t tile_stages, batch_tiles, tiles, whole_tiles, shared_pairs, shared_blocks, walkers;
   bool in_slots;
   // (for the kernel's stage walk, all counts < 2^31: ws_work)
   FastDivisor by_tile_stages, by_batch_tiles, by_shared_blocks;
 
   int64_t blocks() const { return walkers + shared_blocks; }
-  int64_t shared_tiles() const { return shared_blocks > 0 ? tiles - whole_blocks : 0; }
+  int64_t shared_tiles() const { return shared_blocks > 0 ? tiles - whole_tiles : 0; }
   // The first stage of block `block` and the end of a run that long (a walker's tiles are whole,
   // not adjacent: stage_end - stage_begin is the count).
   __device__ void stages_of(int64_t block, int64_t& begin, int64_t& end) const {
     if (block < walkers) {
-      begin = block * tile_stages, end = begin + (whole_blocks - block + walkers - 1) / walkers * tile_stages;
+      begin = block * tile_stages, end = begin + (whole_tiles - block + walkers - 1) / walkers * tile_stages;
     } else {
       // (pair j * shared_pairs / shared_blocks, as q j + r j / shared_blocks: r j < 2^31)
       const uint32_t j = uint32_t(block - walkers), q = uint32_t(shared_pairs / shared_blocks),
                      r = uint32_t(shared_pairs % shared_blocks);
-      const int64_t first = whole_blocks * tile_stages;
+      const int64_t first = whole_tiles * tile_stages;
       begin = first + 2 * int64_t(q * j + by_shared_blocks.divide(r * j));
       end = first + 2 * int64_t(q * (j + 1) + by_shared_blocks.divide(r * (j + 1)));
     }
@@ -326,7 +326,7 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
     const int p = threadIdx.x;
     StageCursor next(work, stage_begin);
     const bool walker = blockIdx.x < work.walkers;
-    int64_t next_tile = blockIdx.x;  // (a walker's: the tile of next)
+    int64_t next_tile = blockIdx.x;  // (a walker's: the tile of next; past its last, never issued)
     int group_slot = 0;  // (grouped scales: the ring slot of the scale group being issued)
     int64_t batch0, tile_row0, row_elem;  // (of next's tile)
     auto enter_tile = [&] {
@@ -507,7 +507,7 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
 #pragma unroll
     for (int a = 0; a < kAtoms; ++a) wgmma::keep(frag[0][a]), wgmma::keep(frag[1][a]);
     constexpr int64_t kTileSums = C::kTileRows * BN;
-    const int64_t shared_tile = tile - work.whole_blocks, shared_block = blockIdx.x - work.walkers;
+    const int64_t shared_tile = tile - work.whole_tiles, shared_block = blockIdx.x - work.walkers;
     if (walker && y_in_pieces)
       store_tile_rows<T, BN>(acc, staging + (consumer / 32) * (C::kStagingBytes / 8), tile_row0 + warp_row, batch0,
                              m, n, bias, y, lane);
@@ -529,7 +529,7 @@ template <typename T, int BN>
 __global__ void __launch_bounds__(256) finish_shared_tiles(const float* __restrict__ sums, WsWork work, int64_t m,
                                                            int64_t n, const T* __restrict__ bias, T* __restrict__ y) {
   constexpr int64_t kTileSums = 128 * BN;
-  const int64_t s = blockIdx.x, tile = work.whole_blocks + s;
+  const int64_t s = blockIdx.x, tile = work.whole_tiles + s;
   const int q = blockIdx.y;
   const int64_t batch0 = tile % work.batch_tiles * BN + 8 * q;  // (float4 q: batch rows 8 q + [0, 8))
   if (batch0 >= m) return;  // (block-uniform)
@@ -593,7 +593,7 @@ WsWork ws_work(int64_t m, int64_t n, int64_t k, int device) {
     if (force == 1 || (force != 0 && idle * k >= kShareGain * slots * C::kBatchRows)) shared_from = from;
   }
   if (shared_from < tiles) {
-    work.whole_blocks = shared_from;
+    work.whole_tiles = shared_from;
     work.shared_pairs = (tiles - shared_from) * tile_stages / 2;
     const int64_t splits = shared_from == 0 ? one_wave_splits(tiles, tile_stages, C::kStageK, capacity) : 0;
     work.shared_blocks = std::min(work.shared_pairs, splits > 1 ? tiles * splits : capacity);
@@ -602,8 +602,8 @@ WsWork ws_work(int64_t m, int64_t n, int64_t k, int device) {
   }
   // Whole tiles by at most one wave of walkers (FP4_CUDA_WS_WALK=0: a block per tile, for tests and A/Bs).
   const char* walk = std::getenv("FP4_CUDA_WS_WALK");
-  work.walkers = walk != nullptr && std::strcmp(walk, "0") == 0 ? work.whole_blocks
-                                                                 : std::min(work.whole_blocks, capacity);
+  work.walkers = walk != nullptr && std::strcmp(walk, "0") == 0 ? work.whole_tiles
+                                                                 : std::min(work.whole_tiles, capacity);
   work.by_tile_stages = FastDivisor::of(tile_stages), work.by_batch_tiles = FastDivisor::of(batch_tiles);
   work.by_shared_blocks = FastDivisor::of(std::max<int64_t>(work.shared_blocks, 1));
   return work;
