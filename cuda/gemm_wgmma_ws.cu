@@ -132,13 +132,13 @@ __device__ __forceinline__ int weight_piece(int r, int q) {
 // warp-uniform (a division or a 64-bit one's call leaves its result in vector registers, and all
 // that follows from it: measured 12% slower at batch 17).
 struct FastDivisor {
-  uint32_t divisor, multiplier, shift;
+  uint32_t multiplier, shift;
 
   static FastDivisor of(int64_t d) {
     uint32_t shift = 0;
     while ((int64_t(1) << shift) < d) ++shift;
     const uint64_t multiplier = ((uint64_t(1) << 32) * ((uint64_t(1) << shift) - uint64_t(d))) / uint64_t(d) + 1;
-    return {uint32_t(d), uint32_t(multiplier), shift};
+    return {uint32_t(multiplier), shift};
   }
   __device__ uint32_t divide(uint32_t n) const { return (__umulhi(n, multiplier) + n) >> shift; }
 };
@@ -318,6 +318,7 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
   if (stage_begin >= stage_end) return;  // (block-uniform)
   const int stages = int(stage_end - stage_begin);
   constexpr int kEmpty = 1;  // named barrier id of slot 0's EMPTY
+  const bool walker = blockIdx.x < work.walkers;  // (it jumps to its next tile: WsWork)
 
   if (threadIdx.x < C::kProducers) {
     registers_down<C::kProducerRegisters>();
@@ -325,7 +326,6 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
     // consumers give them scale 0); thread 0 also the stage's weight box and activation tiles, by TMA.
     const int p = threadIdx.x;
     StageCursor next(work, stage_begin);
-    const bool walker = blockIdx.x < work.walkers;
     int64_t next_tile = blockIdx.x;  // (a walker's: the tile of next; past its last, never issued)
     int group_slot = 0;  // (grouped scales: the ring slot of the scale group being issued)
     int64_t batch0, tile_row0, row_elem;  // (of next's tile)
@@ -470,7 +470,6 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
   // ptxas would serialize the multiplies.)
   int slot = 0;
   StageCursor at(work, stage_begin);
-  const bool walker = blockIdx.x < work.walkers;
   // Grouped scales: the ring slot of the scale group being multiplied. A stage pair lies in one group
   // (4 atoms: two pairs of one-atom stages or one of two-atom ones), so a group opens where a pair
   // begins at a multiple of 4 atoms, or the block begins (its first pair may lie inside a group).

@@ -204,7 +204,6 @@ def bench_one(out_f, in_f, batch, dtype, quant_type, device, repeats, kernels=Fa
         result["eager_us"] = {"torch": _eager_time(dense, x), "fp4": _eager_time(ours, x)}
         if bnb[0] is not None:
             result["eager_us"]["bitsandbytes"] = _eager_time(bnb, x)
-    del bnb, ao
     for name, t in times.items():
         if name.startswith("fp4_"):
             result[f"{name}_us"] = t
