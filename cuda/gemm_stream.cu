@@ -598,6 +598,8 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
   // The producer's cursor: unit u of the range (tile, chunk c0) into ring slot `slot` of phase `phase`.
   // Slot s's scales (W warps): fp32 absmax of feature row R at half row 2 W s + R / 8, bytes (R % 8) * 16;
   // nested: half row W s + R / 16, its 4 codes at (R % 16) * 4 and its group absmax 64 bytes further.
+  // A row's scales for one stage are 16 (or 4) bytes of a 128-byte line the next 7 (31) stages read:
+  // the copies ask for the whole line (cp_async16_line; (28672, 8192) batch 1-16 0.5-1.8% faster).
   int64_t u = begin, tile = begin / stages_per_tile, next_c0 = (begin % stages_per_tile) * 2;
   int slot = 0;
   uint32_t phase = 0;
@@ -625,12 +627,12 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
         const int64_t block = min(row0 + r, n - 1) * blocks_per_row + 2 * next_c0;
         if constexpr (kNested) {
           const uint32_t half_row = table_window + uint32_t(slot * C::kWarps + r / 16) * 256 + 128 + (r % 16) * 4;
-          cp_async4(half_row, scales.nested_codes + block);
+          cp_async4_line(half_row, scales.nested_codes + block);
           cp_async4(half_row + 64, scales.absmax + (nested_log2 >= 0 ? block >> nested_log2
                                                                       : block / scales.nested_blocksize));
         } else {
-          cp_async16(table_window + uint32_t(slot * 2 * C::kWarps + r / 8) * 256 + 128 + (r % 8) * 16,
-                     scales.absmax + block);
+          cp_async16_line(table_window + uint32_t(slot * 2 * C::kWarps + r / 8) * 256 + 128 + (r % 8) * 16,
+                          scales.absmax + block);
         }
       }
       tma::mbarrier_arrive_on_copies(bar);

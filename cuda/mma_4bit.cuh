@@ -88,6 +88,15 @@ __device__ __forceinline__ void cp_async16(uint32_t smem_window, const void* glo
 __device__ __forceinline__ void cp_async16(void* smem, const void* global) {
   cp_async16(uint32_t(__cvta_generic_to_shared(smem)), global);
 }
+// cp_async16 / cp_async4 asking the L2 to fetch the whole 128-byte line around the source (PTX
+// prefetch size .L2::128B), for small pieces whose neighbours the next stages read: a line comes
+// from DRAM in one request instead of a sector at a time.
+__device__ __forceinline__ void cp_async16_line(uint32_t smem_window, const void* global) {
+  asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" ::"r"(smem_window), "l"(global));
+}
+__device__ __forceinline__ void cp_async4_line(uint32_t smem_window, const void* global) {
+  asm volatile("cp.async.ca.shared.global.L2::128B [%0], [%1], 4;" ::"r"(smem_window), "l"(global));
+}
 __device__ __forceinline__ void cp_async4(uint32_t smem_window, const void* global) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_window), "l"(global));
 }
