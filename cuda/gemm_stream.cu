@@ -599,7 +599,7 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
   // Slot s's scales (W warps): fp32 absmax of feature row R at half row 2 W s + R / 8, bytes (R % 8) * 16;
   // nested: half row W s + R / 16, its 4 codes at (R % 16) * 4 and its group absmax 64 bytes further.
   // A row's scales for one stage are 16 (or 4) bytes of a 128-byte line the next 7 (31) stages read:
-  // the copies ask for the whole line (cp_async16_line; (28672, 8192) batch 1-16 0.5-1.8% faster).
+  // the copies ask for the whole line (cp_async16_line; (28672, 8192) batch 1-4 0.3-1.8% faster).
   int64_t u = begin, tile = begin / stages_per_tile, next_c0 = (begin % stages_per_tile) * 2;
   int slot = 0;
   uint32_t phase = 0;

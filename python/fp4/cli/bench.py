@@ -175,6 +175,7 @@ def bench_one(out_f, in_f, batch, dtype, quant_type, device, repeats, kernels=Fa
     result = {"shape": [out_f, in_f], "batch": batch, "dtype": str(dtype).replace("torch.", ""),
               "format": quant_type, "device": str(device), "copies": copies}
     methods = {"torch": dense, "fp4": ours}
+    args = ops.KernelArgs.of_state(ours[0].weight, ours[0].quant_state)
     bnb = ao = [None]
     if peers:
         bnb = [_bnb_layer(d, dtype, quant_type, device) for d in dense]
@@ -184,7 +185,6 @@ def bench_one(out_f, in_f, batch, dtype, quant_type, device, repeats, kernels=Fa
         if ao[0] is not None:
             methods["torchao"] = ao
     if kernels and device.type == "cuda":
-        args = ops.KernelArgs.of_state(ours[0].weight, ours[0].quant_state)
         for kernel in ops.KERNELS:
             if kernel == "gemv" and batch > ops.GEMV_CHUNKED_MAX_BATCH:
                 continue
@@ -196,8 +196,7 @@ def bench_one(out_f, in_f, batch, dtype, quant_type, device, repeats, kernels=Fa
     else:
         times = {name: _cpu_time(layers, x, repeats) for name, layers in methods.items()}
     result["torch_us"], result["fp4_us"] = times["torch"], times["fp4"]
-    result["fp4_kernel"] = ops.choose_kernel(x, ours[0]._kernel_args or ops.KernelArgs.of_state(
-        ours[0].weight, ours[0].quant_state), batch)
+    result["fp4_kernel"] = ops.choose_kernel(x, args, batch)
     result["bitsandbytes_us"] = times.get("bitsandbytes")
     result["torchao_us"] = times.get("torchao")
     if peers and batch == 1:
