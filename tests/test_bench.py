@@ -21,8 +21,34 @@ def test_bench_row_times_each_method_and_checks_the_result(device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_gpu_methods_take_turns_starting_one_later_each_round(monkeypatch):
     order = []
-    monkeypatch.setattr(bench, "_graph_runner", lambda layers, x: lambda: order.append(layers[0]))
+    monkeypatch.setattr(bench, "_graph_runner", lambda layers, x, calls: lambda: order.append(layers[0]))
     times = bench._gpu_times({"a": ["a"], "b": ["b"], "c": ["c", "c"]}, None, repeats=3)
     assert sorted(times) == ["a", "b", "c"] and all(t >= 0 for t in times.values())
     warm_up = ["a"] * 3 + ["b"] * 3 + ["c"] * 3
     assert order == warm_up + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_a_replay_calls_whole_rounds_of_copies_at_least_calls_per_replay_times():
+    for copies in (1, 2, 3, 5, 16, 17, 64):
+        calls = bench.calls_per_replay(copies)
+        assert calls % copies == 0 and calls >= bench.CALLS_PER_REPLAY
+        assert calls - copies < bench.CALLS_PER_REPLAY  # (no round more than needed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_replay_calls_the_copies_in_turn():
+    called = []
+
+    class Layer(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            called.append(self.name)
+            return x + 1
+
+    x = torch.zeros(4, device="cuda")
+    bench._graph_runner([Layer("a"), Layer("b"), Layer("c")], x, calls=7)
+    assert called == ["a", "b", "c"] + ["a", "b", "c", "a", "b", "c", "a"]  # (warm-up, then the capture)

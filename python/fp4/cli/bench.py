@@ -4,9 +4,10 @@ Methods: torch dense linear (the weight in the activation dtype), bitsandbytes L
 format), torchao int4 weight-only (group 64, when torchao is installed), fp4 FP4Linear; with
 --kernels also each fp4 CUDA kernel forced on its own. Eager time: wall time per call of 50
 back-to-back eager calls (host overhead shows where it exceeds the GPU time). GPU time per call is the median over repeats of a CUDA-graph replay that
-calls the layer once on each of enough weight copies to overflow the 50 MB L2 (so weights come from
-DRAM, as in a real model), divided by the number of calls, the methods taking turns replay by replay
-(so the GPU's clock and power state favour none); CPU time is the median wall time.
+calls the layer on each of enough weight copies to overflow the 50 MB L2 in turn (so weights come
+from DRAM, as in a real model), at least CALLS_PER_REPLAY calls in all, divided by the number of
+calls, the methods taking turns replay by replay (so the GPU's clock and power state favour none);
+CPU time is the median wall time.
 'floor' is the 4-bit weight bytes over the measured copy bandwidth; '% floor' = floor / time.
 Writes JSON (--json)."""
 
@@ -25,6 +26,11 @@ from fp4 import ops
 
 L2_BYTES = 50 * 2**20
 PEAK_COPY_BW = 3.0e12  # bytes/s, measured device-to-device copy on the H100 (KERNELS.md)
+# A replay starts on an idle GPU: the time from its start event to its first kernel (~5-6 us on the
+# H100) is no call's, so a replay makes enough calls to spread it thin. With one call per copy (2 on
+# the largest weights) it added ~3 us per call: (28672, 8192) batch 1 fp4 55.8 -> 52.5 us at 16
+# calls, (14336, 4096) 22.3 -> 19.3, torch 44.3 -> 41.9 (perf log).
+CALLS_PER_REPLAY = 16
 
 
 def parse_shapes(text):
@@ -102,9 +108,15 @@ def _eager_time(layers, x, calls=50):
     return (time.perf_counter() - t) * 1e6 / calls
 
 
-def _graph_runner(layers, x):
-    """A callable making one call per layer copy: a CUDA-graph replay, or eager calls for a layer
-    that cannot be captured."""
+def calls_per_replay(copies):
+    """Calls one replay makes: the copies in turn, whole rounds, at least CALLS_PER_REPLAY."""
+    return copies * -(-CALLS_PER_REPLAY // copies)
+
+
+def _graph_runner(layers, x, calls):
+    """A callable making `calls` calls, the layer copies in turn: a CUDA-graph replay, or eager
+    calls for a layer that cannot be captured."""
+    sequence = [layers[i % len(layers)] for i in range(calls)]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream), torch.inference_mode():
@@ -114,13 +126,13 @@ def _graph_runner(layers, x):
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.inference_mode(), torch.cuda.graph(graph):
-            for layer in layers:
+            for layer in sequence:
                 layer(x)
         return graph.replay
     except Exception:  # a peer that cannot be captured is timed eagerly
         def run():
             with torch.inference_mode():
-                for layer in layers:
+                for layer in sequence:
                     layer(x)
         return run
 
@@ -130,7 +142,8 @@ def _gpu_times(methods, x, repeats):
     one replay each per round, round r starting at method r mod N: under sustained load the H100's
     clocks fall (power), so timing one method after another favoured whichever ran first (up to 9%
     at batch 1024, perf log)."""
-    runs = {name: _graph_runner(layers, x) for name, layers in methods.items()}
+    calls = {name: calls_per_replay(len(layers)) for name, layers in methods.items()}
+    runs = {name: _graph_runner(layers, x, calls[name]) for name, layers in methods.items()}
     for run in runs.values():
         for _ in range(3):
             run()
@@ -144,7 +157,7 @@ def _gpu_times(methods, x, repeats):
             runs[name]()
             end.record()
             end.synchronize()
-            samples[name].append(start.elapsed_time(end) * 1e3 / len(methods[name]))
+            samples[name].append(start.elapsed_time(end) * 1e3 / calls[name])
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
