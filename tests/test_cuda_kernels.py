@@ -237,6 +237,21 @@ def test_gemm_stream_forms_match_reference(monkeypatch, fed, batch, double_quant
     _check(layer, torch.randn(batch, 1280, device="cuda", dtype=dtype), "gemm")
 
 
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("batch", [1, 3, 8, 12])
+@pytest.mark.parametrize("x_ring", ["1", "0"], ids=["ring", "l1"])
+def test_fed_kernel_reads_activations_from_the_ring_or_through_l1(monkeypatch, x_ring, batch, double_quant, dtype):
+    """Batch 4-8 in the fed kernel copies each stage's activations into the ring on weights of
+    < 2^27 values and reads them through L1 otherwise; FP4_CUDA_FED_XRING=1 / 0 forces either at
+    batch <= 8 (batch 9-16 always copies). Both match the reference (the ring's rows past the batch
+    hold stale values, never stored) on the partial-tile, split-range layer of the test above."""
+    monkeypatch.setenv("FP4_CUDA_FED_XRING", x_ring)
+    layer = _layer(8208, 1280, dtype, "nf4", double_quant)
+    _check(layer, torch.randn(batch, 1280, device="cuda", dtype=dtype), "gemm")
+
+
 @pytest.mark.parametrize("batch", [1, 12])
 @pytest.mark.parametrize("fed", ["0", "1"], ids=["stream", "fed"])
 def test_stream_kernels_store_whole_tiles_and_add_up_split_ones(monkeypatch, fed, batch):
