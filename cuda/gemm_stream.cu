@@ -522,13 +522,14 @@ void launch_stream(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const
 // ring allows whatever the consumers' stalls (above, each warp's own copies wait behind its
 // multiplies). A stage is 192 feature rows x 128 bytes of weights, in 3 parts of 64 rows (one TMA
 // box in the 128-byte swizzle and one FULL barrier each, so a warp waits only for its own part),
-// their scales (cp.async, into the pair table's spare half rows as above) and, with kXRing, the
-// activation slice (8 NT rows x 512 bytes: batch 9-16 always, batch 4-8 on weights of < 2^27
-// values, see fed_x_ring; else every consumer warp reads it through L1). FULL[slot][part]
-// completes with the box's bytes and the 32 producer lanes' copies, EMPTY[slot] when the 12
-// consumer warps' threads are done with the slot. 12 consumer warps rather than 16: 13 warps keep
-// 128 registers per thread (17 would leave 96).
-template <int NT, bool kXRing = NT == 2>
+// their scales (cp.async, into the pair table's spare half rows as above) and the activation slice
+// (8 NT rows x 512 bytes; read through L1 by every consumer warp instead, batch 1-8 ran up to 19%
+// slower: H100, bf16 nf4, us, L1 / ring, (8192, 28672) 1 / 4 / 8 55.8 / 51.2, 62.8 / 52.6, 62.4 / 53.4;
+// (14336, 4096) 8 23.1 / 19.3; (28672, 8192) 1 52.7 / 52.0, 8 59.4 / 56.0; (14336, 4096) 1 18.6 /
+// 18.8 the one loss). FULL[slot][part] completes with the box's bytes and the 32 producer lanes'
+// copies, EMPTY[slot] when the 12 consumer warps' threads are done with the slot. 12 consumer warps
+// rather than 16: 13 warps keep 128 registers per thread (17 would leave 96).
+template <int NT>
 struct FedConfig {
   static constexpr int kWarps = 12, kThreads = (kWarps + 1) * 32;  // + the producer warp
   static constexpr int kRows = 16, kTileRows = kWarps * kRows;
@@ -536,7 +537,7 @@ struct FedConfig {
   // waits only for its own part.
   static constexpr int kParts = kWarps / 4, kPartRows = 64, kPartBytes = kPartRows * 128;
   static constexpr int kStageBytes = kTileRows * 128;
-  static constexpr int kXRowBytes = 512, kXStageBytes = kXRing ? 8 * NT * kXRowBytes : 0;
+  static constexpr int kXRowBytes = 512, kXStageBytes = 8 * NT * kXRowBytes;
   static constexpr size_t kTableBytes = 256 * 256;
   static constexpr size_t kBarrierBytes = (kParts + 1) * sizeof(uint64_t);  // FULL per part, EMPTY, per slot
   // The pair table sits at a shared-window address that is a multiple of 64 KB (a byte permute then
@@ -557,17 +558,16 @@ struct FedConfig {
   static constexpr int kStages = most_stages();  // 5 at batch <= 8, 4 at 9-16
   static constexpr size_t kSmemBytes = smem_bytes(kStages), kTableOffset = table_offset(kStages);
   static_assert(kWarps % 4 == 0, "parts of 4 warps");
-  static_assert(kXRing || NT == 1, "batch 9-16 reads activations from the ring");
   static_assert(kSmemBytes <= 227 * 1024, "one block per SM");
   static_assert(kStages * kTileRows / 8 <= 256, "each slot's scales take kTileRows / 8 spare half rows of the table");
 };
 
-template <typename T, int NT, bool kNested, bool kXRing>
-__global__ void __launch_bounds__(FedConfig<NT, kXRing>::kThreads, 1)
+template <typename T, int NT, bool kNested>
+__global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
     gemm_stream_fed_kernel(const __grid_constant__ CUtensorMap w_map, const T* __restrict__ x, int64_t m, int64_t k,
                            const uint8_t* __restrict__ packed, fp4_scales scales, int nested_log2, int64_t n,
                            Code16 code, StreamRanges ranges, StreamOutput<T> out) {
-  using C = FedConfig<NT, kXRing>;
+  using C = FedConfig<NT>;
   constexpr int S = C::kStages;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* const ring = smem_raw;
@@ -604,19 +604,21 @@ __global__ void __launch_bounds__(FedConfig<NT, kXRing>::kThreads, 1)
   // nested: half row W s + R / 16, its 4 codes at (R % 16) * 4 and its group absmax 64 bytes further.
   // A row's scales for one stage are 16 (or 4) bytes of a 128-byte line the next 7 (31) stages read:
   // the copies ask for the whole line (cp_async16_line; (28672, 8192) batch 1-4 0.3-1.8% faster).
+  // Rows past n (a partial last tile) copy nothing: clamped to row n - 1, up to 128 lanes per stage
+  // asked for the same 16 bytes, and the block holding that tile ran up to 15 us behind the rest at
+  // (28672, 8192) batch 1 with the activation ring (1-2% overall without it; perf log).
   int64_t u = begin, tile = begin / stages_per_tile, next_c0 = (begin % stages_per_tile) * 2;
   int slot = 0;
   uint32_t phase = 0;
   auto produce = [&]() {
     if (u - begin >= S) tma::mbarrier_wait(empty + slot, phase ^ 1);
     const int64_t row0 = tile * C::kTileRows, blocks_per_row = k / 64;
-    if constexpr (kXRing) {  // (every part's barrier covers them: a lane's arrival tracks all its copies)
+    // (every part's barrier covers these copies: a lane's arrival tracks all its copies so far)
 #pragma unroll
-      for (int b = 0; b < 8 * NT; ++b)
-        if (b < m)
-          cp_async16(x_window + uint32_t(slot * 8 * NT + b) * C::kXRowBytes + ((lane ^ (b & 7)) * 16),
-                     x + b * k + next_c0 * kChunk + lane * 8);
-    }
+    for (int b = 0; b < 8 * NT; ++b)
+      if (b < m)
+        cp_async16(x_window + uint32_t(slot * 8 * NT + b) * C::kXRowBytes + ((lane ^ (b & 7)) * 16),
+                   x + b * k + next_c0 * kChunk + lane * 8);
 #pragma unroll
     for (int part = 0; part < C::kParts; ++part) {
       uint64_t* const bar = full + slot * C::kParts + part;
@@ -628,7 +630,8 @@ __global__ void __launch_bounds__(FedConfig<NT, kXRing>::kThreads, 1)
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
         const int r = part * C::kPartRows + lane + 32 * q;
-        const int64_t block = min(row0 + r, n - 1) * blocks_per_row + 2 * next_c0;
+        if (row0 + r >= n) continue;  // (no feature row: its scale is zeroed where it is read)
+        const int64_t block = (row0 + r) * blocks_per_row + 2 * next_c0;
         if constexpr (kNested) {
           const uint32_t half_row = table_window + uint32_t(slot * C::kWarps + r / 16) * 256 + 128 + (r % 16) * 4;
           cp_async4_line(half_row, scales.nested_codes + block);
@@ -673,7 +676,6 @@ __global__ void __launch_bounds__(FedConfig<NT, kXRing>::kThreads, 1)
   int c0 = int(begin % stages_per_tile) * 2;
   const int units = int(end - begin), first_units = int(stages_per_tile) - c0 / 2;
   const bool starts_mid = c0 != 0;
-  const T* x_lane = x + int64_t(g) * k + 16 * t;
   slot = 0, phase = 0;
   for (int step = 0; step < units; ++step) {
     tma::mbarrier_wait(full + slot * C::kParts + warp / 4, phase);
@@ -694,7 +696,7 @@ __global__ void __launch_bounds__(FedConfig<NT, kXRing>::kThreads, 1)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         uint4 xu[NT][2];
-        load_activations<kXRing, C::kXRowBytes>(xu, x_window, slot, x_lane, m, k, c, j, h, g, t);
+        load_activations<true, C::kXRowBytes>(xu, x_window, slot, x, m, k, c, j, h, g, t);
         float sc[2];
         uint2 words[2];
 #pragma unroll
@@ -731,26 +733,11 @@ bool fed_window_as_assumed(int device) {
   return device_attribute<cudaDevAttrReservedSharedMemoryPerBlock>(device, 0) == int(FedConfig<1>::kWindowStart);
 }
 
-// Whether batch 4-8 copies the activation slice into the ring (as batch 9-16 does) rather than
-// reading it through L1 in every consumer warp: on weights of < 2^27 values. Measured on the H100
-// against the build before it (bf16 nf4, us per call, two alternating processes each, L1 / ring):
-// batch 8 (14336, 4096) 23.2 / 19.7, (4096, 14336) 22.8 / 20.5, (8192, 8192) 24.5 / 21.6, (11008,
-// 4096) 19.2 / 17.4, (4096, 4096) 11.7 / 10.9; batch 4 (14336, 4096) 20.6 / 19.2, (8192, 8192) 22.4 /
-// 20.2, (4096, 4096) 11.1 / 9.1, (11008, 4096) even, (4096, 14336) 20.7 / 21.6 (the one loss). Batch
-// 1 loses 3-8% (same process: (11008, 4096) 16.3 / 17.6, (8192, 8192) 19.7 / 20.3), and so do larger
-// weights, for a reason not found (perf log): (16384, 8192) 4 / 8 35.5 / 41.4, 38.7 / 43.7; (28672,
-// 8192) 4 / 8 55.4 / 63.8, 59.3 / 64.2. FP4_CUDA_FED_XRING=1 / 0 forces it on / off (tests).
-bool fed_x_ring(int64_t m, int64_t n, int64_t k) {
-  if (const char* forced = std::getenv("FP4_CUDA_FED_XRING"); forced && (!std::strcmp(forced, "0") || !std::strcmp(forced, "1")))
-    return forced[0] == '1';
-  return m >= 4 && n * k < (int64_t(1) << 27);
-}
-
-template <typename T, int NT, bool kNested, bool kXRing>
+template <typename T, int NT, bool kNested>
 void launch_fed(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed,
                 const fp4_scales& scales, int64_t n, const Code16& code, const T* bias, T* y, float* workspace) {
-  using C = FedConfig<NT, kXRing>;
-  constexpr auto kernel = gemm_stream_fed_kernel<T, NT, kNested, kXRing>;
+  using C = FedConfig<NT>;
+  constexpr auto kernel = gemm_stream_fed_kernel<T, NT, kNested>;
   const int device = exec.device_index;
   allow_dynamic_smem<kernel>(device, C::kSmemBytes);
   static_assert(C::kTileRows <= kStreamMaxTileRows, "the slots' size");
@@ -803,19 +790,13 @@ void gemm_4bit_stream(const fp4_exec& exec, const Code16& code, fp4_dtype dtype,
   const bool fed = fed_wanted && ring_scales && blocksize == 64 && reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
                    gemm_4bit_wgmma_available(exec.device_index) && fed_window_as_assumed(exec.device_index);
   if (fed) {
-    const bool x_ring = fed_x_ring(m, n, k);
     dispatch_variant<1, 2>(
         dtype, m, 8, scales, blocksize,
         [&](auto* tag, auto nt, auto nested, auto) {
           using T = std::remove_pointer_t<decltype(tag)>;
-          constexpr int NT = decltype(nt)::value;
-          constexpr bool kNested = decltype(nested)::value;
-          const auto* xt = static_cast<const T*>(x);
-          const auto* bt = static_cast<const T*>(bias);
-          if (NT == 1 && !x_ring)
-            launch_fed<T, NT, kNested, NT == 2>(exec, xt, m, k, packed, scales, n, code, bt, static_cast<T*>(y), workspace);
-          else
-            launch_fed<T, NT, kNested, true>(exec, xt, m, k, packed, scales, n, code, bt, static_cast<T*>(y), workspace);
+          launch_fed<T, decltype(nt)::value, decltype(nested)::value>(exec, static_cast<const T*>(x), m, k, packed,
+                                                                      scales, n, code, static_cast<const T*>(bias),
+                                                                      static_cast<T*>(y), workspace);
         },
         false);
     return;
