@@ -604,9 +604,11 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
   // nested: half row W s + R / 16, its 4 codes at (R % 16) * 4 and its group absmax 64 bytes further.
   // A row's scales for one stage are 16 (or 4) bytes of a 128-byte line the next 7 (31) stages read:
   // the copies ask for the whole line (cp_async16_line; (28672, 8192) batch 1-4 0.3-1.8% faster).
-  // Rows past n (a partial last tile) copy nothing: clamped to row n - 1, up to 128 lanes per stage
-  // asked for the same 16 bytes, and the block holding that tile ran up to 15 us behind the rest at
-  // (28672, 8192) batch 1 with the activation ring (1-2% overall without it; perf log).
+  // At batch <= 8 rows past n (a partial last tile) copy nothing: clamped to row n - 1, up to 128
+  // lanes per stage asked for the same 16 bytes, and the block holding that tile ran up to 15 us
+  // behind the rest at (28672, 8192) batch 1 with the activation ring (its 14% loss there; 1-2%
+  // without the ring). Batch 9-16 keeps the clamped copies: skipping them measured 1.5-2.5% slower
+  // on (28672, 8192) and (8192, 28672), even elsewhere (perf log).
   int64_t u = begin, tile = begin / stages_per_tile, next_c0 = (begin % stages_per_tile) * 2;
   int slot = 0;
   uint32_t phase = 0;
@@ -630,8 +632,8 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
         const int r = part * C::kPartRows + lane + 32 * q;
-        if (row0 + r >= n) continue;  // (no feature row: its scale is zeroed where it is read)
-        const int64_t block = (row0 + r) * blocks_per_row + 2 * next_c0;
+        if (NT == 1 && row0 + r >= n) continue;  // (no feature row: its scale is zeroed where it is read)
+        const int64_t block = (NT == 1 ? row0 + r : min(row0 + r, n - 1)) * blocks_per_row + 2 * next_c0;
         if constexpr (kNested) {
           const uint32_t half_row = table_window + uint32_t(slot * C::kWarps + r / 16) * 256 + 128 + (r % 16) * 4;
           cp_async4_line(half_row, scales.nested_codes + block);
