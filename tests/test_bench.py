@@ -22,17 +22,22 @@ def test_bench_row_times_each_method_and_checks_the_result(device):
 def test_gpu_methods_take_turns_starting_one_later_each_round(monkeypatch):
     order = []
     monkeypatch.setattr(bench, "_graph_runner", lambda layers, x, calls: lambda: order.append(layers[0]))
+    monkeypatch.setattr(bench, "MIN_REPLAY_US", 0.0)  # (one round each: no second capture)
     times = bench._gpu_times({"a": ["a"], "b": ["b"], "c": ["c", "c"]}, None, repeats=3)
     assert sorted(times) == ["a", "b", "c"] and all(t >= 0 for t in times.values())
-    warm_up = ["a"] * 3 + ["b"] * 3 + ["c"] * 3
+    warm_up = ["a"] * 4 + ["b"] * 4 + ["c"] * 4  # (3 warm-up replays and the one timed for its length)
     assert order == warm_up + ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
 
 
-def test_a_replay_calls_whole_rounds_of_copies_at_least_calls_per_replay_times():
-    for copies in (1, 2, 3, 5, 16, 17, 64):
-        calls = bench.calls_per_replay(copies)
-        assert calls % copies == 0 and calls >= bench.CALLS_PER_REPLAY
-        assert calls - copies < bench.CALLS_PER_REPLAY  # (no round more than needed)
+def test_a_replay_makes_whole_rounds_of_copies_until_it_lasts_min_replay_us():
+    for copies in (1, 2, 3, 17):
+        for round_us in (1.0, 52.0, 599.0, 600.0, 5000.0):
+            calls = bench.calls_per_replay(copies, round_us)
+            rounds = calls // copies
+            assert calls % copies == 0 and rounds >= 1
+            assert rounds * round_us >= bench.MIN_REPLAY_US
+            assert rounds == 1 or (rounds - 1) * round_us < bench.MIN_REPLAY_US  # (no round more than needed)
+    assert bench.calls_per_replay(2, 0.0) >= 2  # (a replay timed at zero still makes whole rounds)
 
 
 @pytest.mark.gpu

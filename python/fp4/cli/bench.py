@@ -5,8 +5,8 @@ format), torchao int4 weight-only (group 64, when torchao is installed), fp4 FP4
 --kernels also each fp4 CUDA kernel forced on its own. Eager time: wall time per call of 50
 back-to-back eager calls (host overhead shows where it exceeds the GPU time). GPU time per call is the median over repeats of a CUDA-graph replay that
 calls the layer on each of enough weight copies to overflow the 50 MB L2 in turn (so weights come
-from DRAM, as in a real model), at least CALLS_PER_REPLAY calls in all, divided by the number of
-calls, the methods taking turns replay by replay (so the GPU's clock and power state favour none);
+from DRAM, as in a real model), whole rounds of them until a replay lasts MIN_REPLAY_US, divided by
+the number of calls, the methods taking turns replay by replay (so the GPU's clock and power state favour none);
 CPU time is the median wall time.
 'floor' is the 4-bit weight bytes over the measured copy bandwidth; '% floor' = floor / time.
 Writes JSON (--json)."""
@@ -14,6 +14,7 @@ Writes JSON (--json)."""
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 import warnings
@@ -27,10 +28,12 @@ from fp4 import ops
 L2_BYTES = 50 * 2**20
 PEAK_COPY_BW = 3.0e12  # bytes/s, measured device-to-device copy on the H100 (KERNELS.md)
 # A replay starts on an idle GPU: the time from its start event to its first kernel (~5-6 us on the
-# H100) is no call's, so a replay makes enough calls to spread it thin. With one call per copy (2 on
-# the largest weights) it added ~3 us per call: (28672, 8192) batch 1 fp4 55.8 -> 52.5 us at 16
-# calls, (14336, 4096) 22.3 -> 19.3, torch 44.3 -> 41.9 (perf log).
-CALLS_PER_REPLAY = 16
+# H100) is no call's, so a replay makes whole rounds of calls over the copies until it lasts
+# MIN_REPLAY_US (the gap then < 1%). With one round (2 calls on the largest weights) it added ~3 us
+# per call: (28672, 8192) batch 1 fp4 55.8 -> 52.5 us at 16 calls, (14336, 4096) 22.3 -> 19.3, torch
+# 44.3 -> 41.9. More rounds than that only lengthen the sustained load under which the H100's clocks
+# fall (perf log).
+MIN_REPLAY_US = 600.0
 
 
 def parse_shapes(text):
@@ -108,9 +111,20 @@ def _eager_time(layers, x, calls=50):
     return (time.perf_counter() - t) * 1e6 / calls
 
 
-def calls_per_replay(copies):
-    """Calls one replay makes: the copies in turn, whole rounds, at least CALLS_PER_REPLAY."""
-    return copies * -(-CALLS_PER_REPLAY // copies)
+def calls_per_replay(copies, round_us):
+    """Calls one replay makes: whole rounds of the copies (one round taking round_us), enough that
+    the replay lasts MIN_REPLAY_US."""
+    return copies * max(1, math.ceil(MIN_REPLAY_US / max(round_us, 1e-3)))
+
+
+def _replay_us(run):
+    """GPU microseconds of one run() (after the caller's warm-up)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    run()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3
 
 
 def _graph_runner(layers, x, calls):
@@ -142,22 +156,23 @@ def _gpu_times(methods, x, repeats):
     one replay each per round, round r starting at method r mod N: under sustained load the H100's
     clocks fall (power), so timing one method after another favoured whichever ran first (up to 9%
     at batch 1024, perf log)."""
-    calls = {name: calls_per_replay(len(layers)) for name, layers in methods.items()}
-    runs = {name: _graph_runner(layers, x, calls[name]) for name, layers in methods.items()}
-    for run in runs.values():
-        for _ in range(3):
+    runs, calls = {}, {}
+    for name, layers in methods.items():
+        run = _graph_runner(layers, x, len(layers))
+        for _ in range(3):  # (warm-up)
             run()
+        calls[name] = calls_per_replay(len(layers), _replay_us(run))
+        if calls[name] > len(layers):
+            run = _graph_runner(layers, x, calls[name])
+            for _ in range(3):
+                run()
+        runs[name] = run
     names = list(runs)
     samples = {name: [] for name in names}
     for r in range(repeats):
         for j in range(len(names)):
             name = names[(r + j) % len(names)]
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            runs[name]()
-            end.record()
-            end.synchronize()
-            samples[name].append(start.elapsed_time(end) * 1e3 / calls[name])
+            samples[name].append(_replay_us(runs[name]) / calls[name])
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
