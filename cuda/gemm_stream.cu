@@ -606,9 +606,9 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
   // the copies ask for the whole line (cp_async16_line; (28672, 8192) batch 1-4 0.3-1.8% faster).
   // At batch <= 8 rows past n (a partial last tile) copy nothing: clamped to row n - 1, up to 128
   // lanes per stage asked for the same 16 bytes, and the block holding that tile ran up to 15 us
-  // behind the rest at (28672, 8192) batch 1 with the activation ring (its 14% loss there; 1-2%
+  // behind the rest at (28672, 8192) batch 1 with the activation ring (its 16% loss there; 0-1.2%
   // without the ring). Batch 9-16 keeps the clamped copies: skipping them measured 1.5-2.5% slower
-  // on (28672, 8192) and (8192, 28672), even elsewhere (perf log).
+  // on (28672, 8192) and (8192, 28672), within 1% elsewhere (perf log).
   int64_t u = begin, tile = begin / stages_per_tile, next_c0 = (begin % stages_per_tile) * 2;
   int slot = 0;
   uint32_t phase = 0;

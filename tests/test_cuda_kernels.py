@@ -228,9 +228,9 @@ def test_gemm_stream_forms_match_reference(monkeypatch, fed, batch, double_quant
     """Both forms of the stream kernel at blocksize 64 (scales through the ring): the producer-fed
     one (sm_90a, by default wherever it can run) and the original (every other device), forced by
     FP4_CUDA_STREAM_FED=1 / 0: 8208 features end in a partial tile (192 rows fed, 256 not; at batch
-    <= 8 the fed form copies no scales for its rows past 8208), and 1280 columns are 5 whole stages, so block
-    ranges start and end inside tiles; the fed form copies the activations into its ring at every
-    batch, the original at 9-16."""
+    <= 8 the fed form copies no scales for its rows past 8208), and 1280 columns are 5 whole stages,
+    so block ranges start and end inside tiles; the fed form copies the activations into its ring at
+    every batch, the original at 9-16."""
     if fed == "1" and not WGMMA:
         pytest.skip("the fed form needs an sm_90 GPU and a library built for sm_90a")
     monkeypatch.setenv("FP4_CUDA_STREAM_FED", fed)

@@ -3,11 +3,11 @@
 Methods: torch dense linear (the weight in the activation dtype), bitsandbytes Linear4bit (same
 format), torchao int4 weight-only (group 64, when torchao is installed), fp4 FP4Linear; with
 --kernels also each fp4 CUDA kernel forced on its own. Eager time: wall time per call of 50
-back-to-back eager calls (host overhead shows where it exceeds the GPU time). GPU time per call is the median over repeats of a CUDA-graph replay that
-calls the layer on each of enough weight copies to overflow the 50 MB L2 in turn (so weights come
-from DRAM, as in a real model), whole rounds of them until a replay lasts MIN_REPLAY_US, divided by
-the number of calls, the methods taking turns replay by replay (so the GPU's clock and power state favour none);
-CPU time is the median wall time.
+back-to-back eager calls (host overhead shows where it exceeds the GPU time). GPU time per call is
+the median over repeats of a CUDA-graph replay that calls the layer on each of enough weight copies
+to overflow the 50 MB L2 in turn (so weights come from DRAM, as in a real model), whole rounds of
+them until a replay lasts MIN_REPLAY_US, divided by the number of calls, the methods taking turns
+replay by replay (so the GPU's clock and power state favour none); CPU time is the median wall time.
 'floor' is the 4-bit weight bytes over the measured copy bandwidth; '% floor' = floor / time.
 Writes JSON (--json)."""
 
