@@ -113,8 +113,9 @@ def _eager_time(layers, x, calls=50):
 
 def calls_per_replay(copies, round_us):
     """Calls one replay makes: whole rounds of the copies (one round taking round_us), enough that
-    the replay lasts MIN_REPLAY_US."""
-    return copies * max(1, math.ceil(MIN_REPLAY_US / max(round_us, 1e-3)))
+    the replay lasts MIN_REPLAY_US. (A round is timed as at least 1 us: a timer reading near zero
+    must not ask for a graph of a million calls.)"""
+    return copies * max(1, math.ceil(MIN_REPLAY_US / max(round_us, 1.0)))
 
 
 def _replay_us(run):
