@@ -6,12 +6,21 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 
 #include "error.hpp"
 #include "formats.hpp"
 #include "fp4/fp4.h"
 
 namespace fp4::cuda {
+
+// A kernel switch's setting (FP4_CUDA_*, README: for tests and measurements): the digit it is set
+// to, or -1 where it is unset or not one digit (then the measured default holds). Read at every
+// launch, so a test may change it between calls.
+inline int switch_setting(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && value[0] >= '0' && value[0] <= '9' && value[1] == '\0' ? value[0] - '0' : -1;
+}
 
 // A format's 16 code values, passed to kernels by value (they copy it to shared memory).
 struct Code16 {

@@ -19,8 +19,6 @@
 #include "mma_4bit.cuh"
 #include "tma.cuh"
 
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 namespace fp4::cuda {
@@ -761,8 +759,7 @@ size_t gemm_4bit_stream_workspace_size(int64_t m) {
 }
 
 bool gemm_4bit_stream_fits(int device, int64_t m) {
-  if (const char* forced = std::getenv("FP4_CUDA_STREAM"); forced && std::strcmp(forced, "0") == 0)
-    return false;  // testing: the path of devices without room for it
+  if (switch_setting("FP4_CUDA_STREAM") == 0) return false;  // testing: the path of devices without room for it
   const size_t needed = m <= 8 ? StreamConfig<1>::kSmemBytes : StreamConfig<2>::kSmemBytes;
   return max_block_smem(device) >= needed;
 }
@@ -787,8 +784,7 @@ void gemm_4bit_stream(const fp4_exec& exec, const Code16& code, fp4_dtype dtype,
   // (Before the aligned table, with one ring stage more, the fed form lost on every weight of
   // < 2^27 values: (14336, 4096) batch 16 24.4 / 27.8.) FP4_CUDA_STREAM_FED=1 / 0 forces it on / off
   // wherever it can run (tests).
-  const char* forced = std::getenv("FP4_CUDA_STREAM_FED");
-  const bool fed_wanted = !(forced && std::strcmp(forced, "0") == 0);
+  const bool fed_wanted = switch_setting("FP4_CUDA_STREAM_FED") != 0;
   const bool fed = fed_wanted && ring_scales && blocksize == 64 && reinterpret_cast<uintptr_t>(packed) % 16 == 0 &&
                    gemm_4bit_wgmma_available(exec.device_index) && fed_window_as_assumed(exec.device_index);
   if (fed) {

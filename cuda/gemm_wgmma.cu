@@ -20,7 +20,6 @@
 #include "mma_4bit.cuh"
 #include "wgmma.cuh"
 
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -326,8 +325,7 @@ bool probe_sm90a() {
 // 33.4 / 26.4; (8192, 8192) 35.9 / 27.8, 42.3 / 32.9.
 bool small_batch_goes_warp_specialized(int64_t k) {
   if (!gemm_4bit_wgmma_ws_takes_small_batch(k)) return false;
-  const char* forced = std::getenv("FP4_CUDA_WS_SMALL");
-  return forced == nullptr || forced[0] != '0';
+  return switch_setting("FP4_CUDA_WS_SMALL") != 0;
 }
 
 }  // namespace

@@ -34,8 +34,6 @@
 
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 
 namespace fp4::cuda {
@@ -580,8 +578,7 @@ WsWork ws_work(int64_t m, int64_t n, int64_t k, int device) {
     fail(FP4_ERROR_NOT_SUPPORTED, "gemm_4bit: m x n x k (tiles x stages >= 2^31) or the device's SM count (>= 1024) "
                                   "too large for the warp-specialized kernel's 32-bit stage walk");
   WsWork work{tile_stages, batch_tiles, tiles, tiles, 0, 0, 0, false};
-  const char* forced = std::getenv("FP4_CUDA_WS_SHARE");
-  const int force = forced && std::strcmp(forced, "0") == 0 ? 0 : forced && std::strcmp(forced, "1") == 0 ? 1 : -1;
+  const int force = switch_setting("FP4_CUDA_WS_SHARE");
   int64_t shared_from = tiles;  // (the first shared tile)
   if (tiles <= capacity && force != 1) {
     if (one_wave_splits(tiles, tile_stages, C::kStageK, capacity) > 1) shared_from = 0;
@@ -600,9 +597,7 @@ WsWork ws_work(int64_t m, int64_t n, int64_t k, int device) {
     work.in_slots = work.shared_blocks + (tiles - shared_from) <= tiles + batch_tiles;
   }
   // Whole tiles by at most one wave of walkers (FP4_CUDA_WS_WALK=0: a block per tile, for tests and A/Bs).
-  const char* walk = std::getenv("FP4_CUDA_WS_WALK");
-  work.walkers = walk != nullptr && std::strcmp(walk, "0") == 0 ? work.whole_tiles
-                                                                 : std::min(work.whole_tiles, capacity);
+  work.walkers = switch_setting("FP4_CUDA_WS_WALK") == 0 ? work.whole_tiles : std::min(work.whole_tiles, capacity);
   work.by_tile_stages = FastDivisor::of(tile_stages), work.by_batch_tiles = FastDivisor::of(batch_tiles);
   work.by_shared_blocks = FastDivisor::of(std::max<int64_t>(work.shared_blocks, 1));
   return work;
@@ -631,9 +626,8 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
           "cudaMemsetAsync");
   // y in 16-byte pieces where they are aligned (store_tile_rows); FP4_CUDA_WS_PIECES=0 forces the
   // element stores (tests: both give the same bits).
-  const char* pieces = std::getenv("FP4_CUDA_WS_PIECES");
-  const bool y_in_pieces = n % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0 &&
-                           !(pieces != nullptr && std::strcmp(pieces, "0") == 0);
+  const bool y_in_pieces =
+      n % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0 && switch_setting("FP4_CUDA_WS_PIECES") != 0;
   kernel<<<unsigned(work.blocks()), C::kThreads, C::kSmemBytes, stream>>>(x_map, w_map, m, k, packed, scales,
                                                                            nested_shift(scales), n, blocksize_log2,
                                                                            code, work, bias, y, y_in_pieces, workspace);

@@ -18,8 +18,6 @@
 #pragma once
 
 #include <atomic>
-#include <cstdlib>
-#include <cstring>
 
 #include "common.cuh"
 
@@ -79,7 +77,7 @@ __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 // Whether kernels on `device` launch as dependents of their predecessor: sm_90 and later, unless
 // FP4_CUDA_PDL=0 (for measuring and testing both ways).
 inline bool dependent_launch_enabled(int device) {
-  if (const char* forced = std::getenv("FP4_CUDA_PDL"); forced && std::strcmp(forced, "0") == 0) return false;
+  if (switch_setting("FP4_CUDA_PDL") == 0) return false;
   return device_attribute<cudaDevAttrComputeCapabilityMajor>(device, 0) >= 9;
 }
 

@@ -11,7 +11,6 @@
 #include "launch.cuh"
 
 #include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 
 namespace fp4::cuda {
@@ -289,13 +288,12 @@ template <typename T, int M>
 void launch_gemv(const fp4_exec& exec, const T* x, int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n,
                  int log2, const Code16& code, const T* bias, T* y) {
   int rows = std::is_same_v<T, float> ? 2 : 1;
-  const char* forced_rows = std::getenv("FP4_CUDA_GEMV_ROWS");
-  const bool rows_forced = forced_rows && (*forced_rows == '1' || *forced_rows == '2');
-  if (rows_forced) rows = *forced_rows - '0';
+  const int forced_rows = switch_setting("FP4_CUDA_GEMV_ROWS");
+  const bool rows_forced = forced_rows == 1 || forced_rows == 2;
+  if (rows_forced) rows = forced_rows;
   if constexpr (M == 1 && !std::is_same_v<T, float>) {
-    const char* forced = std::getenv("FP4_CUDA_GEMV_PAIRS");
-    const bool pairs = forced && (*forced == '0' || *forced == '1') ? *forced == '1'
-                                                                    : !rows_forced && n * k >= kPairMinWeights;
+    const int forced = switch_setting("FP4_CUDA_GEMV_PAIRS");
+    const bool pairs = forced == 0 || forced == 1 ? forced == 1 : !rows_forced && n * k >= kPairMinWeights;
     if (pairs) return launch_gemv_pairs(exec, x, k, packed, scales, n, log2, code, bias, y);
   }
   const unsigned grid = unsigned((n + rows * kWarpsPerBlock - 1) / (rows * kWarpsPerBlock));
