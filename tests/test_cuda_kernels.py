@@ -604,14 +604,20 @@ def test_dispatch_thresholds():
     assert ops.choose_kernel(x.float(), args, ops.GEMV_CHUNKED_MAX_BATCH) == "gemv"  # (one launch per 8 rows)
     assert ops.choose_kernel(x.float(), args, ops.GEMV_CHUNKED_MAX_BATCH + 1) == "dequantize_matmul"
     # Large weights take the GEMM from batch 1 (its fixed cost is small next to the weight read).
+    def kernel_for(shape, m):
+        return ops.choose_kernel(x, ops.KernelArgs(args.codes, args.scales, "nf4", 64, shape), m)
     for m, limit in ops.CUDA_GEMV_MAX_WEIGHTS.items():
-        big = ops.KernelArgs(args.codes, args.scales, "nf4", 64, (limit // 256, 256))
-        assert ops.choose_kernel(x, big, m) == "gemm"
-        small = ops.KernelArgs(args.codes, args.scales, "nf4", 64, (limit // 512, 256))
-        assert ops.choose_kernel(x, small, m) == "gemv"
-    # At batch 1 rows longer than their count keep the GEMV to a larger weight.
-    limit = ops.CUDA_GEMV_LONG_ROWS_MAX_WEIGHTS
-    assert limit > ops.CUDA_GEMV_MAX_WEIGHTS[1]
-    for shape, m, kernel in (((256, limit // 512), 1, "gemv"), ((256, limit // 256), 1, "gemm"),
-                             ((limit // 512, 256), 1, "gemm"), ((256, limit // 512), 2, "gemm")):
-        assert ops.choose_kernel(x, ops.KernelArgs(args.codes, args.scales, "nf4", 64, shape), m) == kernel, shape
+        assert kernel_for((limit // 256, 256), m) == "gemv"
+        assert kernel_for((limit // 128, 256), m) == "gemm"
+    # Rows long next to their count (a warp per row being too few for the GEMV) leave it sooner: 1024
+    # rows of 4 x 1024 values or more, against 2048 / 1280 rows just under 4x as long (weights past
+    # the long-row limit, within the general one).
+    ratio = ops.CUDA_GEMV_LONG_ROWS
+    for m, limit in ops.CUDA_GEMV_LONG_ROWS_MAX_WEIGHTS.items():
+        assert limit < ops.CUDA_GEMV_MAX_WEIGHTS[m] and limit // 1024 >= ratio * 1024
+        assert kernel_for((1024, limit // 1024), m) == "gemv", m
+        assert kernel_for((1024, 2 * limit // 1024), m) == "gemm", m
+        rows = {1: 2048, 2: 1280}[m]
+        shape = (rows, ratio * rows - 128)
+        assert limit < shape[0] * shape[1] <= ops.CUDA_GEMV_MAX_WEIGHTS[m], shape
+        assert kernel_for(shape, m) == "gemv", m

@@ -14,8 +14,8 @@ from .quant_state import QuantState
 
 # Which CUDA kernel serves which batch (fp16/bf16 activations, in_features % 128 == 0 and aligned
 # buffers; otherwise the GEMV to GEMV_CHUNKED_MAX_BATCH, then dequantize + cuBLAS):
-#   m <= 2 with fewer weights than CUDA_GEMV_MAX_WEIGHTS[m] (at batch 1, rows longer than their
-#   count: than CUDA_GEMV_LONG_ROWS_MAX_WEIGHTS)
+#   m <= 2 with at most CUDA_GEMV_MAX_WEIGHTS[m] weights (with rows at least CUDA_GEMV_LONG_ROWS times
+#   as long as there are rows: at most CUDA_GEMV_LONG_ROWS_MAX_WEIGHTS[m], a warp per row being too few)
 #                                 the fused GEMV (warp per output feature; at batch 1 in fp16/bf16 on
 #                                 >= 2^24 weights its pair-table kernel, cuda/linear.cu)
 #   m <= CUDA_GEMM_MAX_BATCH      the fused tensor-core GEMM (stream-K kernel to 16, on sm_90a in its
@@ -25,19 +25,24 @@ from .quant_state import QuantState
 #                                 batch 64 its warp-specialized kernel, cuda/gemm_wgmma_ws.cu)
 #   larger                        dequantize into a temporary, then cuBLAS
 # Measured on the H100 (`python -m fp4 bench --kernels`, bf16 nf4, CUDA graphs, weights beyond L2), us
-# for GEMV / GEMM (/ dequantize+cuBLAS), batch 1: (4096, 4096) 7.8 / 10.6, (2048, 4096) 4.8 / 9.8,
-# (11008, 4096) 18.0 / 17.5, (14336, 4096) 22.9 / 19.6, (8192, 8192) 21.6 / 22.0, (4096, 11008) 15.5 /
-# 17.4, (4096, 14336) 18.5 / 20.1, (28672, 8192) 64.6 / 56.1 / 408 (a warp per row: the GEMV keeps
-# weights with fewer rows than columns to 2^27); batch 2: (4096, 4096) 9.9 / 10.9, (2048, 4096) 5.4 /
-# 10.1, (8192, 8192) 33.8 / 22.6, (14336, 4096) 31.1 / 20.4, (4096, 14336) 28.2 / 20.8. Earlier runs
-# (before the pair-table GEMV and the fed kernel's aligned table): (28672, 8192) batch 4: GEMV 150 /
-# GEMM 66.4 / 410, batch 64: - / 121 / 412, batch 256: - / 195-208 / 431, batch 512: - / 390-427 /
-# 546-554, batch 1024: - / 702-839 / 847-855; (4096, 14336) batch 256: - / 60-63 / 132, batch 512: - /
-# 101-106 / 149, batch 1024: - / 169-185 / 217; (14336, 4096) batch 256: - / 54-59 / 125, batch 512: - /
-# 105-112 / 160, batch 1024: - / 210-257 / 225 (a tie that moves with the GPU's clocks: the GEMM keeps
-# it, needing no dense temporary). docs/perf-log.md has the history.
-CUDA_GEMV_MAX_WEIGHTS = {1: 1 << 25, 2: 1 << 25}
-CUDA_GEMV_LONG_ROWS_MAX_WEIGHTS = 1 << 27
+# for GEMV / GEMM (/ dequantize+cuBLAS), batch 1: (2048, 4096) 4.6 / 7.0, (4096, 2048) 5.2 / 6.9,
+# (8192, 2048) 6.8 / 8.5, (4096, 4096) 7.4 / 8.5, (2048, 5632) 6.1 / 7.0, (4096, 8192) 10.9 / 13.8,
+# (3072, 8192) 10.7 / 10.8, (8192, 4096) 12.1 / 12.5; long rows: (1024, 8192) 6.9 / 7.6, (2048, 8192)
+# 10.1 / 8.5, (1024, 14336) 10.5 / 9.0, (2048, 14336) 16.0 / 12.4; past 2^25: (4096, 11008) 14.4 /
+# 14.4, (4096, 14336) 17.3 / 16.4, (11008, 4096) 16.9 / 14.2, (14336, 4096) 21.6 / 16.1, (8192, 8192)
+# 19.9 / 17.8, (28672, 8192) 64.6 / 56.1 / 408. Batch 2: (2048, 4096) 5.3 / 7.2, (4096, 2048) 5.9 /
+# 7.0, (1024, 8192) 8.4 / 7.7, (2048, 5632) 7.5 / 7.1, (2048, 8192) 8.9 / 8.7, (4096, 4096) 9.4 / 8.6,
+# (8192, 2048) 10.6 / 8.8, (1024, 14336) 13.6 / 9.3, (3072, 8192) 15.0 / 10.9, (4096, 8192) 16.7 /
+# 14.0, (14336, 4096) 30.4 / 17.8. fp16 within 0.5 us of these (the one flip: (2048, 8192) batch 2,
+# 8.4 / 8.6). Earlier runs (before the pair-table GEMV and the fed kernel's aligned table):
+# (28672, 8192) batch 4: GEMV 150 / GEMM 66.4 / 410, batch 64: - / 121 / 412, batch 256: - / 195-208 /
+# 431, batch 512: - / 390-427 / 546-554, batch 1024: - / 702-839 / 847-855; (4096, 14336) batch 256: -
+# / 60-63 / 132, batch 512: - / 101-106 / 149, batch 1024: - / 169-185 / 217; (14336, 4096) batch 256:
+# - / 54-59 / 125, batch 512: - / 105-112 / 160, batch 1024: - / 210-257 / 225 (a tie that moves with
+# the GPU's clocks: the GEMM keeps it, needing no dense temporary). docs/perf-log.md has the history.
+CUDA_GEMV_MAX_WEIGHTS = {1: 1 << 25, 2: 1 << 23}
+CUDA_GEMV_LONG_ROWS = 4
+CUDA_GEMV_LONG_ROWS_MAX_WEIGHTS = {1: 1 << 23, 2: 1 << 22}
 CUDA_GEMV_MAX_BATCH = max(CUDA_GEMV_MAX_WEIGHTS)
 CUDA_GEMM_MAX_BATCH = 64
 CUDA_WGMMA_MAX_BATCH = 1024
@@ -144,8 +149,10 @@ def choose_kernel(x: torch.Tensor, args: KernelArgs, m: int) -> str:
 def _gemv_beats_gemm(m: int, out_features: int, in_features: int) -> bool:
     """Where the GEMV serves a batch of m <= CUDA_GEMV_MAX_BATCH rows that the GEMM could (measured:
     the table above)."""
-    limit = CUDA_GEMV_LONG_ROWS_MAX_WEIGHTS if m == 1 and in_features > out_features else CUDA_GEMV_MAX_WEIGHTS[m]
-    return out_features * in_features < limit
+    weights = out_features * in_features
+    if in_features >= CUDA_GEMV_LONG_ROWS * out_features:
+        return weights <= CUDA_GEMV_LONG_ROWS_MAX_WEIGHTS[m]
+    return weights <= CUDA_GEMV_MAX_WEIGHTS[m]
 
 
 @functools.lru_cache(maxsize=None)
