@@ -214,6 +214,10 @@ __device__ __forceinline__ void flush_sums(float (&acc)[NT][4], int64_t row0, in
 // Adds up the slots of tile blockIdx.x, batch row blockIdx.y, plus bias, into y (in block order),
 // if blocks split that tile. Which blocks did, and their slots, is worked out once per block
 // before the wait (64-bit divisions per element cost ~5 us at batch 16).
+// Keep it at 32 registers (ptxas -v): its blocks launch early (PDL) and wait beside the stream
+// kernel's block on each SM only if their registers fit in what that block leaves; variants at 40
+// or 64 did not, and every call at batch 1-16 took 1.5-3 us longer (perf log). A block per batch
+// row measured best (2 or 4 rows per block, their loads in flight, were no faster).
 template <typename T>
 __global__ void __launch_bounds__(kStreamMaxTileRows)
     finish_stream_kernel(StreamRanges ranges, int tile_rows, int64_t m, int64_t n, const float* __restrict__ slots,
