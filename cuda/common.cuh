@@ -12,6 +12,13 @@
 #include "formats.hpp"
 #include "fp4/fp4.h"
 
+// Caps one kernel's registers per thread (__maxnreg__, CUDA 12.4+); older toolkits build without the cap.
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 12 || (__CUDACC_VER_MAJOR__ == 12 && __CUDACC_VER_MINOR__ >= 4))
+#define FP4_MAX_REGISTERS(n) __maxnreg__(n)
+#else
+#define FP4_MAX_REGISTERS(n)
+#endif
+
 namespace fp4::cuda {
 
 // A kernel switch's setting (FP4_CUDA_*, README: for tests and measurements): the digit it is set

@@ -139,15 +139,33 @@ __device__ __forceinline__ void load_activations(uint4 (&xu)[NT][2], uint32_t ri
   }
 }
 
-// The stream-K split: `total` units (feature tile, stage) in tile order, block b summing units
-// [begin(b), begin(b + 1)). Every block has at least one unit (blocks <= total).
+// The stream-K split of `total` units (feature tile, stage) in tile order: block b first sums
+// `whole` tiles of its own, b * whole + [0, whole) (straight to y), then the shared units
+// [begin(b), begin(b + 1)) of the tiles after all blocks' whole ones (from shared_from()). Every
+// block has the same number of units, give or take one, and at least one shared unit unless none
+// are left (whole_tiles_first).
 struct StreamRanges {
   int64_t total, stages_per_tile;
   int blocks;
-  __host__ __device__ int64_t begin(int64_t block) const { return total * block / blocks; }
-  // The block whose range holds `unit`: the largest b with begin(b) <= unit.
-  __device__ int64_t block_of(int64_t unit) const { return ((unit + 1) * blocks + total - 1) / total - 1; }
+  int64_t whole;
+  __host__ __device__ int64_t shared_from() const { return int64_t(blocks) * whole * stages_per_tile; }
+  __host__ __device__ int64_t begin(int64_t block) const {
+    return shared_from() + (total - shared_from()) * block / blocks;
+  }
+  // The block whose shared range holds `unit` (>= shared_from()): the largest b with begin(b) <= unit.
+  __device__ int64_t block_of(int64_t unit) const {
+    const int64_t shared = total - shared_from();
+    return ((unit - shared_from() + 1) * blocks + shared - 1) / shared - 1;
+  }
 };
+// Whole tiles per block before the shared units (StreamRanges::whole): as many as leave each block a
+// shared unit or none at all. A tile one block sums whole needs no finishing: on (28672, 8192), 150
+// tiles of 32 stages over 132 blocks, 18 tiles are shared instead of nearly all 150.
+inline int64_t whole_tiles_first(int64_t tiles, int64_t stages_per_tile, int blocks) {
+  int64_t whole = tiles / blocks;
+  while (whole > 0 && tiles != whole * blocks && (tiles - whole * blocks) * stages_per_tile < blocks) --whole;
+  return whole;
+}
 
 // Where the sums go. A tile one block sums whole is stored to y (plus bias) by that block; a tile
 // split between blocks is stored by each into a slot of its own (a block has two: its range's
@@ -211,9 +229,9 @@ __device__ __forceinline__ void flush_sums(float (&acc)[NT][4], int64_t row0, in
   store_sums<T, NT>(sums, row0, tile_row, tile_rows, lane, m, n, out, slot);
 }
 
-// Adds up the slots of tile blockIdx.x, batch row blockIdx.y, plus bias, into y (in block order),
-// if blocks split that tile. Which blocks did, and their slots, is worked out once per block
-// before the wait (64-bit divisions per element cost ~5 us at batch 16).
+// Adds up the slots of shared tile blockIdx.x (StreamRanges), batch row blockIdx.y, plus bias, into
+// y (in block order), if blocks split that tile. Which blocks did, and their slots, is worked out
+// once per block before the wait (64-bit divisions per element cost ~5 us at batch 16).
 // Keep it at 32 registers (ptxas -v): its blocks launch early (PDL) and wait beside the stream
 // kernel's block on each SM only if their registers fit in what that block leaves; variants at 40
 // or 64 did not, and every call at batch 1-16 took 1.5-3 us longer (perf log). A block per batch
@@ -226,7 +244,7 @@ __global__ void __launch_bounds__(kStreamMaxTileRows)
   __shared__ int contributors;
   __shared__ int slot_of[kStreamMaxBlocks];
   allow_successor();
-  const int64_t tile = blockIdx.x, b = blockIdx.y, spt = ranges.stages_per_tile;
+  const int64_t tile = ranges.whole * ranges.blocks + blockIdx.x, b = blockIdx.y, spt = ranges.stages_per_tile;
   if (threadIdx.x == 0) {
     first_block = ranges.block_of(tile * spt);
     contributors = int(ranges.block_of(tile * spt + spt - 1) - first_block) + 1;
@@ -488,11 +506,15 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
 // finish_stream_kernel, both as dependent launches; the slots live in `workspace`.
 template <typename T, typename Launch>
 void launch_with_finish(const fp4_exec& exec, int64_t total, int64_t stages_per_tile, int tile_rows, int64_t m,
-                        int64_t n, const T* bias, T* y, float* workspace, Launch&& launch) {
+                        int64_t n, const T* bias, T* y, float* workspace, bool whole_first, Launch&& launch) {
   const int device = exec.device_index;
-  const StreamRanges ranges{total, stages_per_tile, int(std::min<int64_t>({sm_count(device), total, kStreamMaxBlocks}))};
+  StreamRanges ranges{total, stages_per_tile, int(std::min<int64_t>({sm_count(device), total, kStreamMaxBlocks})), 0};
+  const int64_t tiles = total / stages_per_tile;
+  if (whole_first) ranges.whole = whole_tiles_first(tiles, stages_per_tile, ranges.blocks);
   launch(ranges, StreamOutput<T>{y, bias, workspace});
-  launch_dependent(device, finish_stream_kernel<T>, dim3(unsigned((n + tile_rows - 1) / tile_rows), unsigned(m)),
+  const int64_t shared_tiles = tiles - ranges.whole * ranges.blocks;
+  if (shared_tiles == 0) return;  // (every tile summed whole)
+  launch_dependent(device, finish_stream_kernel<T>, dim3(unsigned(shared_tiles), unsigned(m)),
                    kStreamMaxTileRows, 0, stream_of(exec), "gemm_4bit finish kernel", ranges, tile_rows, m, n,
                    workspace, bias, y);
 }
@@ -510,7 +532,7 @@ void launch_stream(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const
   const int64_t tiles = (n + C::kTileRows - 1) / C::kTileRows;
   static_assert(C::kTileRows <= kStreamMaxTileRows, "the slots' size");
   const int nested_log2 = nested_shift(scales);
-  launch_with_finish(exec, tiles * stages_per_tile, stages_per_tile, C::kTileRows, m, n, bias, y, workspace,
+  launch_with_finish(exec, tiles * stages_per_tile, stages_per_tile, C::kTileRows, m, n, bias, y, workspace, false,
                      [&](const StreamRanges& ranges, const StreamOutput<T>& out) {
                        launch_dependent(device, kernel, unsigned(ranges.blocks), C::kThreads, C::kSmemBytes,
                                         stream_of(exec), "gemm_4bit stream kernel", x, m, k, packed, scales,
@@ -564,8 +586,14 @@ struct FedConfig {
   static_assert(kStages * kTileRows / 8 <= 256, "each slot's scales take kTileRows / 8 spare half rows of the table");
 };
 
-template <typename T, int NT, bool kNested>
-__global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
+// kWholeFirst: the block's whole tiles come first (StreamRanges::whole > 0). Batch <= 8 only: at
+// 9-16 the extra bookkeeping spilled (128 registers is all 13 warps get). Held to the 112 registers
+// the kernel has without it: at 118-122 (uncapped) batch 1-8 ran 0.5-1.4 us slower even on weights
+// it does not split that way, as when the finish kernel's blocks no longer fit beside this one (see
+// finish_stream_kernel). On (28672, 8192), bf16 nf4, against the previous build (two alternating
+// processes, us): batch 1 52.4, 51.8 -> 50.7, 50.5; 4 55.2, 54.5 -> 51.6, 51.5; 8 57.4, 56.8 -> 52.9, 52.5.
+template <typename T, int NT, bool kNested, bool kWholeFirst>
+__global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1) FP4_MAX_REGISTERS(kWholeFirst ? 112 : 128)
     gemm_stream_fed_kernel(const __grid_constant__ CUtensorMap w_map, const T* __restrict__ x, int64_t m, int64_t k,
                            const uint8_t* __restrict__ packed, fp4_scales scales, int nested_log2, int64_t n,
                            Code16 code, StreamRanges ranges, StreamOutput<T> out) {
@@ -587,9 +615,15 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
   uint64_t* const empty = full + S * C::kParts;                                        // [slot]
   allow_successor();
   const int64_t stages_per_tile = ranges.stages_per_tile;
+  // The block's units (StreamRanges): its whole tiles' [whole_begin, whole_begin + whole_units),
+  // then its shared range [begin, end).
+  const int64_t whole_begin = int64_t(blockIdx.x) * ranges.whole * stages_per_tile;
+  const int whole_units = kWholeFirst ? int(ranges.whole * stages_per_tile) : 0;
   const int64_t begin = ranges.begin(blockIdx.x), end = ranges.begin(blockIdx.x + 1);
-  prefetch_first_stages(packed, scales, n, k, 6 /* blocksize 64 */, (begin / stages_per_tile) * C::kTileRows, C::kTileRows,
-                        (begin % stages_per_tile) * 2, min(int64_t(S), end - begin));
+  const int units = whole_units + int(end - begin);  // (< 2^31: see the consumers' counters)
+  const int64_t first = whole_units > 0 ? whole_begin : begin;
+  prefetch_first_stages(packed, scales, n, k, 6 /* blocksize 64 */, (first / stages_per_tile) * C::kTileRows, C::kTileRows,
+                        (first % stages_per_tile) * 2, min(int64_t(S), int64_t(units)));
   if (threadIdx.x == 0) {
     // (FULL: lane 0's expect_tx arrival + each producer lane's arrival when its copies land)
     for (int s = 0; s < S * C::kParts; ++s) tma::mbarrier_init(full + s, 1 + 32);
@@ -611,11 +645,12 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
   // behind the rest at (28672, 8192) batch 1 with the activation ring (its 16% loss there; 0-1.2%
   // without the ring). Batch 9-16 keeps the clamped copies: skipping them measured 1.5-2.5% slower
   // on (28672, 8192) and (8192, 28672), within 1% elsewhere (perf log).
-  int64_t u = begin, tile = begin / stages_per_tile, next_c0 = (begin % stages_per_tile) * 2;
+  int produced = 0;
+  int64_t tile = first / stages_per_tile, next_c0 = (first % stages_per_tile) * 2;
   int slot = 0;
   uint32_t phase = 0;
   auto produce = [&]() {
-    if (u - begin >= S) tma::mbarrier_wait(empty + slot, phase ^ 1);
+    if (produced >= S) tma::mbarrier_wait(empty + slot, phase ^ 1);
     const int64_t row0 = tile * C::kTileRows, blocks_per_row = k / 64;
     // (every part's barrier covers these copies: a lane's arrival tracks all its copies so far)
 #pragma unroll
@@ -648,20 +683,21 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
       }
       tma::mbarrier_arrive_on_copies(bar);
     }
-    ++u, next_c0 += 2;
+    ++produced, next_c0 += 2;
     if (next_c0 >= chunks) next_c0 = 0, ++tile;
+    if (kWholeFirst && produced == whole_units) tile = begin / stages_per_tile, next_c0 = (begin % stages_per_tile) * 2;
     if (++slot == S) slot = 0, phase ^= 1;
   };
   // The first S stages are requested before the pair table is built (its copies go to the table's
   // spare halves, which the build leaves alone). Copies and the nested codebook come after the wait.
   if (warp == C::kWarps || kNested) wait_for_predecessor();
   if (warp == C::kWarps)
-    while (u < end && u - begin < S) produce();
+    while (produced < units && produced < S) produce();
   build_pair_table<T, 256, kNested>(table, codes, code, scales);
   wait_for_predecessor();
   __syncthreads();  // the pair table
   if (warp == C::kWarps) {
-    while (u < end) produce();
+    while (produced < units) produce();
     cp_async_commit();  // (this lane's copies land before it exits)
     cp_async_wait<0>();
     return;
@@ -676,10 +712,13 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
   // (32-bit counters: ranges hold < 2^31 units; 64-bit ones cost registers the loop does not have)
-  int64_t row0 = (begin / stages_per_tile) * C::kTileRows + warp * C::kRows;
-  int c0 = int(begin % stages_per_tile) * 2;
-  const int units = int(end - begin), first_units = int(stages_per_tile) - c0 / 2;
-  const bool starts_mid = c0 != 0;
+  int64_t row0 = (first / stages_per_tile) * C::kTileRows + warp * C::kRows;
+  int c0 = int(first % stages_per_tile) * 2;
+  // The shared range: its first tile (< 2^31 tiles) and chunk; its steps in that tile end at
+  // first_units. (Few values: each register more here costs the finish kernel its place beside
+  // this block, see finish_stream_kernel.)
+  const int shared_tile = int(begin / stages_per_tile), shared_c0 = int(begin % stages_per_tile) * 2;
+  const int first_units = whole_units + int(stages_per_tile) - shared_c0 / 2;
   slot = 0, phase = 0;
   for (int step = 0; step < units; ++step) {
     tma::mbarrier_wait(full + slot * C::kParts + warp / 4, phase);
@@ -723,10 +762,13 @@ __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1)
     // The tile ends here (or the block's range does): store this warp's sums.
     c0 += 2;
     if (c0 >= chunks || step + 1 == units) {
+      // (whole tiles end whole, as first-tile steps that did not start mid-tile: to y)
       flush_sums(acc, row0, warp * C::kRows, C::kTileRows, lane, m, n, out,
-                 store_slot(step < first_units, starts_mid, c0 >= chunks));
+                 store_slot(step < first_units, step >= whole_units && shared_c0 != 0, c0 >= chunks));
       c0 = 0, row0 += C::kTileRows;
     }
+    if (kWholeFirst && step + 1 == whole_units)  // (on to the shared range)
+      row0 = int64_t(shared_tile) * C::kTileRows + warp * C::kRows, c0 = shared_c0;
   }
 }
 
@@ -741,19 +783,21 @@ template <typename T, int NT, bool kNested>
 void launch_fed(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed,
                 const fp4_scales& scales, int64_t n, const Code16& code, const T* bias, T* y, float* workspace) {
   using C = FedConfig<NT>;
-  constexpr auto kernel = gemm_stream_fed_kernel<T, NT, kNested>;
+  constexpr auto kernel = gemm_stream_fed_kernel<T, NT, kNested, false>;
+  constexpr auto kernel_whole_first = gemm_stream_fed_kernel<T, NT, kNested, NT == 1>;  // (batch <= 8 only)
   const int device = exec.device_index;
   allow_dynamic_smem<kernel>(device, C::kSmemBytes);
+  allow_dynamic_smem<kernel_whole_first>(device, C::kSmemBytes);
   static_assert(C::kTileRows <= kStreamMaxTileRows, "the slots' size");
   const int64_t stages_per_tile = k / 256;
   const int64_t tiles = (n + C::kTileRows - 1) / C::kTileRows;
   const CUtensorMap w_map = tma::map_2d(packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, k / 2, n, k / 2, 128, C::kPartRows,
                                         CU_TENSOR_MAP_SWIZZLE_128B, "the packed weight");
-  launch_with_finish(exec, tiles * stages_per_tile, stages_per_tile, C::kTileRows, m, n, bias, y, workspace,
+  launch_with_finish(exec, tiles * stages_per_tile, stages_per_tile, C::kTileRows, m, n, bias, y, workspace, NT == 1,
                      [&](const StreamRanges& ranges, const StreamOutput<T>& out) {
-                       launch_dependent(device, kernel, unsigned(ranges.blocks), C::kThreads, C::kSmemBytes,
-                                        stream_of(exec), "gemm_4bit fed stream kernel", w_map, x, m, k, packed,
-                                        scales, nested_shift(scales), n, code, ranges, out);
+                       launch_dependent(device, ranges.whole > 0 ? kernel_whole_first : kernel, unsigned(ranges.blocks),
+                                        C::kThreads, C::kSmemBytes, stream_of(exec), "gemm_4bit fed stream kernel",
+                                        w_map, x, m, k, packed, scales, nested_shift(scales), n, code, ranges, out);
                      });
 }
 }  // namespace

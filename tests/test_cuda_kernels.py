@@ -260,6 +260,42 @@ def test_stream_kernels_store_whole_tiles_and_add_up_split_ones(monkeypatch, fed
     assert torch.equal(ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm"), first)
 
 
+def _whole_tiles_first_shapes(tiles_per_block):
+    """(out_features, whether a finish kernel runs) for the fed kernel's 192-row tiles at batch <= 8:
+    exactly SMs x tiles_per_block tiles (nothing left to share), and SMs x (tiles_per_block + 1) + 1
+    (each block takes tiles_per_block whole and the SMs + 1 tiles after them are shared)."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return ((sms * tiles_per_block * 192, False), ((sms * (tiles_per_block + 1) + 1) * 192, True))
+
+
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("tiles_per_block", [1, 2])
+def test_fed_stream_gives_each_block_whole_tiles_first(tiles_per_block, double_quant):
+    """At batch <= 8 the fed kernel gives each block whole tiles of its own first (stored straight to
+    y) and shares only the tiles after them (their sums added up by the finish kernel): right
+    against the reference, and the same bits on every call."""
+    for out_features, _ in _whole_tiles_first_shapes(tiles_per_block):
+        layer = _layer(out_features, 1024, torch.bfloat16, "nf4", double_quant)
+        x = torch.randn(5, 1024, device="cuda", dtype=torch.bfloat16)
+        _check(layer, x, "gemm")
+        args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+        first = ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm").clone()
+        assert torch.equal(ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm"), first)
+
+
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+def test_fed_stream_finish_where_chosen():
+    """The finish kernel runs only where tiles are shared: not where every block's tiles are whole
+    (kept apart from the test above: the profiler sees no kernels under compute-sanitizer)."""
+    for out_features, finishes in _whole_tiles_first_shapes(1):
+        layer = _layer(out_features, 1024, torch.bfloat16, "nf4")
+        x = torch.randn(5, 1024, device="cuda", dtype=torch.bfloat16)
+        args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+        names = _cuda_kernel_names(lambda: ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm"))
+        assert "gemm_stream_fed_kernel" in names and ("finish_stream_kernel" in names) == finishes, names
+
+
 @pytest.mark.parametrize("batch", [1, 4, 12])
 def test_chained_layers_in_a_cuda_graph_wait_for_their_inputs(monkeypatch, batch):
     """Kernels launch as programmatic dependents of the kernel before them (sm_90+) and may start
