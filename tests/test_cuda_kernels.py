@@ -262,10 +262,12 @@ def test_stream_kernels_store_whole_tiles_and_add_up_split_ones(monkeypatch, fed
 
 def _whole_tiles_first_shapes(tiles_per_block):
     """(out_features, whether a finish kernel runs) for the fed kernel's 192-row tiles at batch <= 8:
-    exactly SMs x tiles_per_block tiles (nothing left to share), and SMs x (tiles_per_block + 1) + 1
-    (each block takes tiles_per_block whole and the SMs + 1 tiles after them are shared)."""
+    exactly SMs x tiles_per_block tiles (nothing left to share; also with the last tile 100 rows
+    short, summed whole by the last block), and SMs x (tiles_per_block + 1) + 1 (each block takes
+    tiles_per_block whole and the SMs + 1 tiles after them are shared)."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-    return ((sms * tiles_per_block * 192, False), ((sms * (tiles_per_block + 1) + 1) * 192, True))
+    evenly = sms * tiles_per_block * 192
+    return ((evenly, False), (evenly - 100, False), ((sms * (tiles_per_block + 1) + 1) * 192, True))
 
 
 @pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
