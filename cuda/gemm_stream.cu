@@ -148,7 +148,9 @@ struct StreamRanges {
   int64_t total, stages_per_tile;
   int blocks;
   int64_t whole;
-  __host__ __device__ int64_t shared_from() const { return int64_t(blocks) * whole * stages_per_tile; }
+  // All blocks' whole tiles: tiles [0, whole_tiles()); the shared ones follow.
+  __host__ __device__ int64_t whole_tiles() const { return int64_t(blocks) * whole; }
+  __host__ __device__ int64_t shared_from() const { return whole_tiles() * stages_per_tile; }
   __host__ __device__ int64_t begin(int64_t block) const {
     return shared_from() + (total - shared_from()) * block / blocks;
   }
@@ -244,7 +246,7 @@ __global__ void __launch_bounds__(kStreamMaxTileRows)
   __shared__ int contributors;
   __shared__ int slot_of[kStreamMaxBlocks];
   allow_successor();
-  const int64_t tile = ranges.whole * ranges.blocks + blockIdx.x, b = blockIdx.y, spt = ranges.stages_per_tile;
+  const int64_t tile = ranges.whole_tiles() + blockIdx.x, b = blockIdx.y, spt = ranges.stages_per_tile;
   if (threadIdx.x == 0) {
     first_block = ranges.block_of(tile * spt);
     contributors = int(ranges.block_of(tile * spt + spt - 1) - first_block) + 1;
@@ -512,7 +514,7 @@ void launch_with_finish(const fp4_exec& exec, int64_t total, int64_t stages_per_
   const int64_t tiles = total / stages_per_tile;
   if (whole_first) ranges.whole = whole_tiles_first(tiles, stages_per_tile, ranges.blocks);
   launch(ranges, StreamOutput<T>{y, bias, workspace});
-  const int64_t shared_tiles = tiles - ranges.whole * ranges.blocks;
+  const int64_t shared_tiles = tiles - ranges.whole_tiles();
   if (shared_tiles == 0) return;  // (every tile summed whole)
   launch_dependent(device, finish_stream_kernel<T>, dim3(unsigned(shared_tiles), unsigned(m)),
                    kStreamMaxTileRows, 0, stream_of(exec), "gemm_4bit finish kernel", ranges, tile_rows, m, n,
