@@ -236,8 +236,12 @@ __device__ __forceinline__ void flush_sums(float (&acc)[NT][4], int64_t row0, in
 // once per block before the wait (64-bit divisions per element cost ~5 us at batch 16).
 // Keep it at 32 registers (ptxas -v): its blocks launch early (PDL) and wait beside the stream
 // kernel's block on each SM only if their registers fit in what that block leaves; variants at 40
-// or 64 did not, and every call at batch 1-16 took 1.5-3 us longer (perf log). A block per batch
-// row measured best (2 or 4 rows per block, their loads in flight, were no faster).
+// or 64 did not, and every call at batch 1-16 took 1.5-3 us longer (perf log). The register file
+// is split in 4 SM quarters, warps dealt among them: the fed kernel's 13 warps put 4 in one, which
+// at 112 registers a thread (batch <= 8) leaves that quarter room for 2 warps of 32, and at 128
+// (batch 9-16) none: there the finish blocks start only as the stream blocks end. A block per batch
+// row measured best (2 or 4 rows per block, their loads in flight, were no faster); its threads
+// take a tile row each, or two (finish_threads).
 template <typename T>
 __global__ void __launch_bounds__(kStreamMaxTileRows)
     finish_stream_kernel(StreamRanges ranges, int tile_rows, int64_t m, int64_t n, const float* __restrict__ slots,
@@ -258,11 +262,13 @@ __global__ void __launch_bounds__(kStreamMaxTileRows)
   }
   __syncthreads();
   wait_for_predecessor();  // (in every block: see launch.cuh)
-  const int64_t f = tile * tile_rows + threadIdx.x;
-  if (contributors == 1 || int(threadIdx.x) >= tile_rows || f >= n) return;  // (one block summed it and stored y)
-  float sum = 0.0f;
-  for (int i = 0; i < contributors; ++i) sum += slots[(slot_of[i] * m + b) * tile_rows + threadIdx.x];
-  y[b * n + f] = store_from_float<T>(sum + (bias ? load_as_float(bias + f) : 0.0f));
+  if (contributors == 1) return;  // (one block summed it and stored y)
+  for (int r = threadIdx.x; r < tile_rows && tile * tile_rows + r < n; r += blockDim.x) {
+    const int64_t f = tile * tile_rows + r;
+    float sum = 0.0f;
+    for (int i = 0; i < contributors; ++i) sum += slots[(slot_of[i] * m + b) * tile_rows + r];
+    y[b * n + f] = store_from_float<T>(sum + (bias ? load_as_float(bias + f) : 0.0f));
+  }
 }
 
 // Before wait_for_predecessor: asks the L2 for the codes and scales of the first `stages` stages
@@ -504,20 +510,35 @@ __global__ void __launch_bounds__(StreamConfig<NT>::kThreads, 1)
   }
 }
 
+// Finish blocks of 4 warps instead of 8 where two of them fit beside the stream kernel's block on
+// each SM and all of them then start at once: beside the fed kernel at batch <= 8 (112 registers a
+// thread: the SM quarter holding its 4th warp has room for 2 warps of 32 registers, so one block
+// of 8 warps or two of 4), where the grid needs 1-2 blocks per SM. H100, bf16 nf4, us, 8 / 4 warps
+// (same process): (4096, 4096) batch 8 10.48 / 9.04, (11008, 4096) 4 16.06 / 15.08, (14336, 4096) 2
+// 18.06 / 17.11, (4096, 14336) 8 18.68 / 18.13. Past 2 per SM the 4-warp blocks lost up to 5%
+// ((11008, 4096) 8 16.31 / 17.19), at batch 9-16 (128 registers: no room) 8-13%, and below one
+// per SM, where they only lengthen each block's work, up to 5% ((4096, 14336) 1 16.53 / 17.40).
+inline int finish_threads(int64_t finish_blocks, int stream_blocks, bool beside_fed_batch8) {
+  return beside_fed_batch8 && finish_blocks > stream_blocks && finish_blocks <= 2 * stream_blocks
+             ? kStreamMaxTileRows / 2
+             : kStreamMaxTileRows;
+}
+
 // Runs launch(ranges, out) (the stream kernel over `total` units, one block per SM) and then
-// finish_stream_kernel, both as dependent launches; the slots live in `workspace`.
+// finish_stream_kernel, both as dependent launches; the slots live in `workspace`. fed_batch8: the
+// stream kernel is the fed one at batch <= 8 (whole tiles first; finish_threads).
 template <typename T, typename Launch>
 void launch_with_finish(const fp4_exec& exec, int64_t total, int64_t stages_per_tile, int tile_rows, int64_t m,
-                        int64_t n, const T* bias, T* y, float* workspace, bool whole_first, Launch&& launch) {
+                        int64_t n, const T* bias, T* y, float* workspace, bool fed_batch8, Launch&& launch) {
   const int device = exec.device_index;
   StreamRanges ranges{total, stages_per_tile, int(std::min<int64_t>({sm_count(device), total, kStreamMaxBlocks})), 0};
   const int64_t tiles = total / stages_per_tile;
-  if (whole_first) ranges.whole = whole_tiles_first(tiles, stages_per_tile, ranges.blocks);
+  if (fed_batch8) ranges.whole = whole_tiles_first(tiles, stages_per_tile, ranges.blocks);
   launch(ranges, StreamOutput<T>{y, bias, workspace});
   const int64_t shared_tiles = tiles - ranges.whole_tiles();
   if (shared_tiles == 0) return;  // (every tile summed whole)
   launch_dependent(device, finish_stream_kernel<T>, dim3(unsigned(shared_tiles), unsigned(m)),
-                   kStreamMaxTileRows, 0, stream_of(exec), "gemm_4bit finish kernel", ranges, tile_rows, m, n,
+                   finish_threads(shared_tiles * m, ranges.blocks, fed_batch8), 0, stream_of(exec), "gemm_4bit finish kernel", ranges, tile_rows, m, n,
                    workspace, bias, y);
 }
 
@@ -589,13 +610,20 @@ struct FedConfig {
 };
 
 // kWholeFirst: the block's whole tiles come first (StreamRanges::whole > 0). Batch <= 8 only: at
-// 9-16 the extra bookkeeping spilled (128 registers is all 13 warps get). Held to the 112 registers
-// the kernel has without it: at 118-122 (uncapped) batch 1-8 ran 0.5-1.4 us slower even on weights
-// it does not split that way, as when the finish kernel's blocks no longer fit beside this one (see
-// finish_stream_kernel). On (28672, 8192), bf16 nf4, against the previous build (two alternating
-// processes, us): batch 1 52.4, 51.8 -> 50.7, 50.5; 4 55.2, 54.5 -> 51.6, 51.5; 8 57.4, 56.8 -> 52.9, 52.5.
+// 9-16 a form that works the shared range's start out again at the jump (128 registers, no spills)
+// ran no faster ((28672, 8192) 16: 59.2 us both), the finish kernel running after this one there
+// either way (finish_stream_kernel); capped at 120 registers so that 4-warp finish blocks fit, it
+// spilled and ran 5-6 us slower on (28672, 8192). At batch <= 8 every form is held to 112 registers
+// (FP4_MAX_REGISTERS), the most that leave room for the finish kernel's blocks beside this one (see
+// finish_stream_kernel): whole-first uncapped took 118-122 and ran 0.5-1.4 us slower even on weights
+// it does not split that way; the nested form without it took 114 (allocated as 120), and capped (108)
+// it runs up to 1.6 us faster (H100, bf16 nf4 nested, against the previous build, us: (4096, 4096)
+// batch 2 / 4 / 8 11.6 / 11.8 / 12.1 -> 10.1 / 10.2 / 10.8; (4096, 14336) 1 20.6 -> 19.7; (14336, 4096)
+// 1 20.5 -> 19.1, with 4-warp finish blocks where they pay). Whole-first on (28672, 8192), bf16 nf4,
+// against the build before it (two alternating processes, us): batch 1 52.4, 51.8 -> 50.7, 50.5; 4
+// 55.2, 54.5 -> 51.6, 51.5; 8 57.4, 56.8 -> 52.9, 52.5.
 template <typename T, int NT, bool kNested, bool kWholeFirst>
-__global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1) FP4_MAX_REGISTERS(kWholeFirst ? 112 : 128)
+__global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1) FP4_MAX_REGISTERS(NT == 1 ? 112 : 128)
     gemm_stream_fed_kernel(const __grid_constant__ CUtensorMap w_map, const T* __restrict__ x, int64_t m, int64_t k,
                            const uint8_t* __restrict__ packed, fp4_scales scales, int nested_log2, int64_t n,
                            Code16 code, StreamRanges ranges, StreamOutput<T> out) {

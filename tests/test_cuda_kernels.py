@@ -298,6 +298,23 @@ def test_fed_stream_finish_where_chosen():
         assert "gemm_stream_fed_kernel" in names and ("finish_stream_kernel" in names) == finishes, names
 
 
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("short_rows", [0, 100])
+def test_fed_stream_finish_in_half_size_blocks(short_rows, double_quant):
+    """Where the finish kernel's grid needs one to two blocks per SM beside the fed kernel at batch
+    <= 8, its blocks are half as wide and each thread sums two tile rows: every row right (y starts
+    poisoned), the last tile's rows past n skipped, the same bits on every call."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    tiles, batch = sms * 3 // 4, 2  # (fewer tiles than SMs: all shared; 1.5 finish blocks per SM)
+    layer = _layer(tiles * 192 - short_rows, 1024, torch.bfloat16, "nf4", double_quant)
+    x = torch.randn(batch, 1024, device="cuda", dtype=torch.bfloat16)
+    _check(layer, x, "gemm")
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    first = ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm").clone()
+    assert torch.equal(ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm"), first)
+
+
 @pytest.mark.parametrize("batch", [1, 4, 12])
 def test_chained_layers_in_a_cuda_graph_wait_for_their_inputs(monkeypatch, batch):
     """Kernels launch as programmatic dependents of the kernel before them (sm_90+) and may start

@@ -17,7 +17,7 @@ if [ "$what" = sanitize ] || [ "$what" = all ]; then
   kernels="gemm_large or random_shapes or stream_ranges or unaligned_absmax or \
     (gemm_matches and (3 or 9 or 17 or 65) and float16) or (wgmma and float16 and (17 or 40)) or \
     wgmma_nested or (cuda and forward and float16) or \
-    (stream_forms_match and float16) or whole_tiles or chained_layers or two_rows_per_warp or \
+    (stream_forms_match and float16) or whole_tiles or finish_in_half or chained_layers or two_rows_per_warp or \
     (gemv_pair_table and not where_chosen)"
   warp_specialized="(wgmma_gemm_matches and float16 and (65 or 128 or 130 or 257 or 300 or ws)) or identical_bits or \
     stream_forms_match or shares_the_last_wave or stores_y_in_pieces or walkers"
