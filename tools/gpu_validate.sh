@@ -2,7 +2,10 @@
 # The GPU acceptance run: test suite, compute-sanitizer on the CUDA kernel tests, benchmarks (JSON
 # for docs/), and the main job. Each part fits the device tool's 10-minute limit on its own (all
 # together do not): source .device/setup.sh && bash tools/gpu_validate.sh [tests|sanitize|bench|all]
-# TOOLS="memcheck synccheck" (or racecheck) runs only those sanitizers: racecheck alone takes ~370 s.
+# TOOLS="memcheck synccheck" (or racecheck) runs only those sanitizers; PART="a -k expression" only the
+# tests of their selections it also matches. Racecheck's whole selection outgrew one device command
+# (122 of its 274 tests in 500 s on the H100; the whole-tiles tests take 26-46 s each), so it runs in
+# two: PART="stream or whole or finish" and PART="not (stream or whole or finish)".
 set -o pipefail
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 what=${1:-all}
@@ -28,7 +31,8 @@ if [ "$what" = sanitize ] || [ "$what" = all ]; then
         (shares_the_last_wave and shared and not b1024) or (stores_y_in_pieces and float16) or walkers" ;;  # (time)
       synccheck) selection="$warp_specialized" ;;
     esac
-    case $tool in memcheck) limit=150 ;; racecheck) limit=500 ;; synccheck) limit=90 ;; esac  # (racecheck: its whole selection in 363 s on the H100)
+    [ -n "$PART" ] && selection="($selection) and ($PART)"
+    case $tool in memcheck) limit=150 ;; racecheck) limit=500 ;; synccheck) limit=90 ;; esac  # (racecheck: one PART per command, above)
     timeout $limit compute-sanitizer --tool $tool --print-limit 200 python -m pytest -q -x -p no:cacheprovider \
       tests/test_cuda_kernels.py tests/test_linear.py -k "$selection" > "$OUT/$tool.log" 2>&1
     [ $? = 124 ] && echo "$tool: TIMED OUT after $limit s: incomplete, not clean (see $OUT/$tool.log)"
