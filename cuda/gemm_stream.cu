@@ -613,7 +613,7 @@ struct FedConfig {
 // 9-16 a form that works the shared range's start out again at the jump (128 registers, no spills)
 // ran no faster ((28672, 8192) 16: 59.2 us both), the finish kernel running after this one there
 // either way (finish_stream_kernel); capped at 120 registers so that 4-warp finish blocks fit, it
-// spilled and ran 5-6 us slower on (28672, 8192). At batch <= 8 every form is held to 112 registers
+// spilled and ran 4.5-8 us slower on (28672, 8192). At batch <= 8 every form is held to 112 registers
 // (FP4_MAX_REGISTERS), the most that leave room for the finish kernel's blocks beside this one (see
 // finish_stream_kernel): whole-first uncapped took 118-122 and ran 0.5-1.4 us slower even on weights
 // it does not split that way; the nested form without it took 114 (allocated as 120), and capped (108)
