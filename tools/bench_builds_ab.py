@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tarfile
 
+from ab_layers import add_layer_arguments, check_layer_arguments
+
 REF_SITE = "/tmp/fp4_ref"
 
 
@@ -43,24 +45,18 @@ def build_reference(tar_path):
 
 
 def time_layers(args):
-    """One process's measurements: prints 'batch us' per (shape, batch), one line per shape."""
+    """One process's measurements: prints 'batch:us' per batch, one line per shape."""
     import torch
-    from torch import nn
 
-    import fp4
-    from fp4.cli.bench import _cpu_time, _gpu_time, copies_beyond_l2, parse_shapes
+    from ab_layers import device_and_timer, seeded_layers, shapes_and_batches
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    timer = _gpu_time if device.type == "cuda" else _cpu_time
-    dtype = getattr(torch, args.dtype)
-    for out_f, in_f in parse_shapes(args.shapes):
-        copies = copies_beyond_l2(out_f, in_f, device)
-        torch.manual_seed(0)
-        layers = [fp4.FP4Linear.from_linear(nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype),
-                                            quant_type=args.format, double_quant=args.nested) for _ in range(copies)]
+    device, timer = device_and_timer()
+    shapes, batches = shapes_and_batches(args)
+    for out_f, in_f in shapes:
+        layers = seeded_layers(out_f, in_f, device, args)
         cells = []
-        for batch in (int(b) for b in args.batches.split(",")):
-            x = torch.randn(batch, in_f, device=device, dtype=dtype)
+        for batch in batches:
+            x = torch.randn(batch, in_f, device=device, dtype=getattr(torch, args.dtype))
             cells.append(f"{batch}:{statistics.median(timer(layers, x, args.repeats) for _ in range(3)):.3f}")
         print(f"{out_f}x{in_f} " + " ".join(cells), flush=True)
         del layers
@@ -86,19 +82,12 @@ def run_worker(args, label, pythonpath):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ref", help="a tarball of the reference tree (git archive REF -o FILE)")
-    parser.add_argument("--shapes", default="28672x8192,14336x4096,4096x14336,4096x4096")
-    parser.add_argument("--batches", default="1,4,8,16")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--format", default="nf4")
-    parser.add_argument("--nested", action="store_true", help="double-quantized absmax (bitsandbytes' default)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating process pairs")
-    parser.add_argument("--repeats", type=int, default=20)
+    add_layer_arguments(parser, batches="1,4,8,16", rounds=2, rounds_help="alternating process pairs")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return time_layers(args)
-    if args.rounds < 1 or args.repeats < 1:
-        parser.error(f"--rounds and --repeats: expected at least 1, got {args.rounds} and {args.repeats}")
+    check_layer_arguments(parser, args)
     if not os.path.isfile(args.ref):
         parser.error(f"ref: no such file: {args.ref} (make it here with git archive HEAD -o {args.ref})")
     build_reference(args.ref)
