@@ -71,8 +71,18 @@ def test_dequantize_rejects_wrong_out_shape():
 
 def test_dequantize_rejects_truncated_codes():
     packed, state = F.quantize_4bit(torch.randn(64, 64))
-    with pytest.raises(ValueError, match="packed: expected 2048 elements"):
+    with pytest.raises(ValueError, match=r"A: expected 2048 bytes of codes .* got 2047 bytes \(2047 torch.uint8"):
         F.dequantize_4bit(packed[:-1], state)
+
+
+def test_dequantize_counts_codes_in_bytes_whatever_their_storage():
+    """Codes stored as another dtype (bitsandbytes' quant_storage) count by their bytes: a view
+    holds them, a converted copy (4 bytes per code byte) is rejected, naming both counts."""
+    weight = torch.randn(64, 64)
+    packed, state = F.quantize_4bit(weight)
+    assert torch.equal(F.dequantize_4bit(packed.reshape(-1).view(torch.float32), state), F.dequantize_4bit(packed, state))
+    with pytest.raises(ValueError, match=r"A: expected 2048 bytes .* got 8192 bytes \(2048 torch.float32 elements\)"):
+        F.dequantize_4bit(packed.float(), state)
 
 
 def test_dequantize_rejects_short_absmax():

@@ -150,6 +150,10 @@ def dequantize_4bit(
             raise ValueError(f"out: expected shape {tuple(shape)} and dtype {quant_state.dtype}, "
                              f"got {tuple(out.shape)} and {out.dtype}")
     codes = A.contiguous().view(torch.uint8) if A.dtype != torch.uint8 else A.contiguous()
+    if codes.numel() != (shape.numel() + 1) // 2:  # (named here: A may be a quant_storage view, counted in bytes)
+        raise ValueError(f"A: expected {(shape.numel() + 1) // 2} bytes of codes (two per byte) for the "
+                         f"{shape.numel()} values of shape {tuple(shape)}, got {codes.numel()} bytes "
+                         f"({A.numel()} {A.dtype} elements)")
     target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     _C.dequantize_4bit(codes.reshape(-1), _scales_of(quant_state), target.reshape(-1), qt, bs, stream_of(target),
                        **_nested_args(quant_state))
