@@ -130,6 +130,12 @@ def test_binding_rejects_non_contiguous():
         _C.quantize_4bit(x, packed, absmax, "fp4", 64)
 
 
+def test_binding_takes_empty_arrays_whatever_their_strides():
+    """An array with no elements is contiguous (NumPy gives shape (2, 0) strides (0, 4))."""
+    empty = np.empty((2, 0), np.float32)
+    _C.quantize_4bit(empty, np.empty(0, np.uint8), np.empty(0, np.float32), "fp4", 64)
+
+
 def test_binding_rejects_size_mismatch():
     x, packed, absmax = _np_args()
     with pytest.raises(ValueError, match="packed: expected 64 elements"):

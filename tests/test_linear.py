@@ -49,6 +49,18 @@ def test_leading_dims_and_empty_batch(device):
     assert layer(torch.randn(0, 256, device=device)).shape == (0, 64)
 
 
+def test_no_output_features(device):
+    """A layer with no output features gives an empty result, as nn.Linear does, and no gradient
+    (eager, autograd, compiled)."""
+    layer = fp4.FP4Linear.from_linear(nn.Linear(64, 0, device=device), quant_type="nf4")
+    x = torch.randn(2, 3, 64, device=device, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (2, 3, 0)
+    y.sum().backward()
+    assert x.grad.shape == x.shape and not x.grad.any()
+    assert torch.compile(layer, fullgraph=True)(torch.randn(4, 64, device=device)).shape == (4, 0)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_forward_hands_libfp4_capsules(device, batch, monkeypatch):
     """The eager forward passes x, bias, y (and the GEMM's workspace) to libfp4 as DLPack capsules

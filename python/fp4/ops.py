@@ -190,7 +190,7 @@ def linear_4bit_prepared(x: torch.Tensor, args: KernelArgs, bias: Optional[torch
     x2 = x if flat else x.reshape(-1, in_features)
     m = x2.shape[0]
     y = out if out is not None else torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
-    if m == 0:
+    if m == 0 or out_features == 0:  # (nothing to compute; the kernels take no empty arrays)
         return y
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
@@ -233,9 +233,9 @@ def linear_4bit_grad_input(grad_out: torch.Tensor, args: KernelArgs) -> torch.Te
     whole weight is ever held; each product runs on cuBLAS / torch's CPU GEMM."""
     out_features, in_features = args.out_features, args.in_features
     lead = grad_out.shape[:-1]
-    g = grad_out.reshape(-1, out_features)
-    if g.shape[0] == 0:
+    if grad_out.numel() == 0:  # (no rows, or no output features: nothing flows back)
         return grad_out.new_zeros(*lead, in_features)
+    g = grad_out.reshape(-1, out_features)
     scales = _block_scales(args)
     # Slabs hold a whole number of blocks: a multiple of `blocksize` rows always does.
     rows = max(args.blocksize, GRAD_SLAB_ELEMENTS // in_features // args.blocksize * args.blocksize)

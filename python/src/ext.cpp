@@ -49,6 +49,7 @@ void expect_dtype(const A& a, nb::dlpack::dtype want, const char* name, const ch
 
 template <typename A>
 void expect_contiguous(const A& a, const char* name) {
+  if (a.size() == 0) return;  // (no element to address: any strides will do, as torch and NumPy give them)
   int64_t expected = 1;
   for (size_t i = a.ndim(); i-- > 0;) {
     if (a.shape(i) != 1 && a.stride(i) != expected)
