@@ -24,6 +24,7 @@ from torch import nn
 
 import fp4
 from fp4 import ops
+from fp4.cli.args import shapes
 
 L2_BYTES = 50 * 2**20
 PEAK_COPY_BW = 3.0e12  # bytes/s, measured device-to-device copy on the H100 (KERNELS.md)
@@ -37,7 +38,8 @@ MIN_REPLAY_US = 600.0
 
 
 def parse_shapes(text):
-    return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+    """'4096x4096,14336x4096' -> [(4096, 4096), (14336, 4096)] (see fp4.cli.args.shapes)."""
+    return shapes(text)
 
 
 def weight_bytes_4bit(out_features, in_features):
@@ -251,8 +253,8 @@ def run(args) -> int:
 
         plot_file(args.plot_only, args.png or args.plot_only.replace(".json", ".png"))
         return 0
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = [getattr(torch, d) for d in args.dtypes]
     results = []
     header = f"{'shape':>12} {'batch':>5} {'dtype':>8} {'fmt':>4} {'torch':>8} {'bnb':>8} {'torchao':>8} " \
              f"{'fp4':>8} {'kernel':>8} {'vs torch':>8} {'vs bnb':>7} {'%floor':>6}"
@@ -262,10 +264,10 @@ def run(args) -> int:
     def fmt(v):
         return "-" if v is None else f"{v:.1f}"
 
-    for shape in parse_shapes(args.shapes):
-        for batch in (int(b) for b in args.batches.split(",")):
+    for shape in args.shapes:
+        for batch in args.batches:
             for dtype in dtypes:
-                for quant_type in args.formats.split(","):
+                for quant_type in args.formats:
                     r = bench_one(*shape, batch, dtype, quant_type, device, args.repeats, args.kernels,
                                   not args.no_peers)
                     results.append(r)

@@ -13,9 +13,7 @@ from .speed import run_table
 
 
 def _pick_device(requested):
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return requested or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_formats(device: torch.device, quick: bool) -> bool:
