@@ -32,6 +32,29 @@ def test_config_rejects_bad_values():
         fp4.FP4Config(quant_type="int4")
     with pytest.raises(ValueError, match="blocksize"):
         fp4.FP4Config(blocksize=100)
+    with pytest.raises(TypeError, match="compute_dtype: expected torch.float32, torch.float16 or torch.bfloat16"):
+        fp4.FP4Config(compute_dtype=torch.int8)
+    with pytest.raises(TypeError, match="double_quant: expected a bool"):
+        fp4.FP4Config(double_quant="yes")
+
+
+def test_converters_name_the_argument_they_cannot_take():
+    """Wrong kinds of argument stop before anything is converted, naming the argument."""
+    model = _mlp("cpu")
+    for call, message in (
+        (lambda: fp4.quantize_("model"), "model: expected a torch.nn.Module, got str"),
+        (lambda: fp4.quantize_(model, "nf4"), "config: expected an fp4.FP4Config, got str"),
+        (lambda: fp4.quantize_(model, filter_fn="lm_head"), "filter_fn: expected a callable"),
+        (lambda: fp4.recursively_replace_with_fp4_linear(3), "model: expected a torch.nn.Module, got int"),
+        (lambda: fp4.recursively_replace_with_fp4_linear(model, as_dtype=torch.int8), "as_dtype: expected"),
+        (lambda: fp4.swap_linear_with_bnb_linear(nn.ReLU()), "linear: expected an nn.Linear, got ReLU"),
+        (lambda: fp4.swap_linear_with_bnb_linear(nn.Linear(64, 64), dtype=torch.int8), "dtype: expected"),
+    ):
+        with pytest.raises(TypeError, match=message):
+            call()
+    assert not any(isinstance(layer, fp4.FP4Linear) for layer in model)  # (nothing converted)
+    with pytest.raises(ValueError, match="quant_type"):
+        fp4.swap_linear_with_bnb_linear(nn.Linear(64, 64), quant_type="int4")
 
 
 def test_recursively_replace_ignores_names():
@@ -39,6 +62,16 @@ def test_recursively_replace_ignores_names():
     model.add_module("body", nn.Linear(64, 64))
     model.add_module("lm_head", nn.Linear(64, 10))
     fp4.recursively_replace_with_fp4_linear(model, as_dtype=torch.float32, only_replace_bnb_layers=False)
+    assert isinstance(model.body, fp4.FP4Linear) and isinstance(model.lm_head, nn.Linear)
+
+
+def test_recursively_replace_takes_one_name_as_a_string():
+    """ignore_layer_names="lm_head" ignores that layer (not the letters l, m, _, ...)."""
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(64, 64))
+    model.add_module("lm_head", nn.Linear(64, 10))
+    fp4.recursively_replace_with_fp4_linear(model, as_dtype=torch.float32, only_replace_bnb_layers=False,
+                                           ignore_layer_names="lm_head")
     assert isinstance(model.body, fp4.FP4Linear) and isinstance(model.lm_head, nn.Linear)
 
 

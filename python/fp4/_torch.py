@@ -56,6 +56,19 @@ def check_float_dtype(tensor: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name}: expected float32, float16 or bfloat16, got {tensor.dtype}")
 
 
+def check_dtype_argument(dtype, name: str) -> torch.dtype:
+    """A dtype argument (not a tensor's): float32, float16 or bfloat16."""
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+    return dtype
+
+
+def check_module(value, name: str) -> torch.nn.Module:
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(f"{name}: expected a torch.nn.Module, got {type(value).__name__}")
+    return value
+
+
 def check_blocksize(blocksize) -> int:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in VALID_BLOCKSIZES:
         raise ValueError(f"blocksize: expected one of {VALID_BLOCKSIZES}, got {blocksize!r}")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._torch import check_blocksize, check_quant_type
+from ._torch import check_blocksize, check_dtype_argument, check_module, check_quant_type
 from .nn.linear import FP4Linear, _is_bnb_linear4bit
 
 
@@ -30,6 +30,10 @@ class FP4Config:
     def __post_init__(self):
         check_quant_type(self.quant_type)
         check_blocksize(self.blocksize)
+        if not isinstance(self.double_quant, bool):
+            raise TypeError(f"double_quant: expected a bool, got {self.double_quant!r}")
+        if self.compute_dtype is not None:
+            check_dtype_argument(self.compute_dtype, "compute_dtype")
 
 
 def _skip_reason(linear: nn.Linear) -> Optional[str]:
@@ -46,7 +50,12 @@ def quantize_(model: nn.Module, config: Optional[FP4Config] = None,
     FP4Linear, like torchao's `quantize_`. `filter_fn(module, fqn)` chooses layers (default: all).
     Layers that cannot be converted are left as they are and listed in a warning with the reason.
     Returns the model."""
-    config = config or FP4Config()
+    check_module(model, "model")
+    config = FP4Config() if config is None else config
+    if not isinstance(config, FP4Config):
+        raise TypeError(f"config: expected an fp4.FP4Config, got {type(config).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn: expected a callable (module, name) -> bool, got {type(filter_fn).__name__}")
     targets = [(name, module) for name, module in model.named_modules()
                if (isinstance(module, nn.Linear) or _is_bnb_linear4bit(module))
                and (filter_fn is None or filter_fn(module, name))]
@@ -80,6 +89,11 @@ def swap_linear_with_bnb_linear(linear: nn.Linear, dtype: torch.dtype = torch.fl
                                 blocksize: int = 64, double_quant: bool = False):
     """torch-bnb-fp4's helper: a bitsandbytes Linear4bit holding `linear`'s weights (quantized when
     moved to a device, as bitsandbytes does). Needs bitsandbytes."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+    check_dtype_argument(dtype, "dtype")
+    check_quant_type(quant_type)
+    check_blocksize(blocksize)
     import bitsandbytes as bnb
 
     layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -97,8 +111,12 @@ def recursively_replace_with_fp4_linear(model: nn.Module, as_dtype: torch.dtype 
                                         ignore_layer_names: Iterable[str] = ("lm_head",), device=None) -> nn.Module:
     """torch-bnb-fp4's converter: replaces bitsandbytes 4-bit layers (and, unless
     only_replace_bnb_layers, plain nn.Linear layers) with FP4Linear, skipping names in
-    ignore_layer_names (matched against the last component and the full name). In place."""
-    ignored = set(ignore_layer_names or ())
+    ignore_layer_names (matched against the last component and the full name; one name may be given
+    as a string). In place."""
+    check_module(model, "model")
+    check_dtype_argument(as_dtype, "as_dtype")
+    # (a string is one name, not its characters: set("lm_head") would ignore nothing)
+    ignored = {ignore_layer_names} if isinstance(ignore_layer_names, str) else set(ignore_layer_names or ())
 
     def wanted(module, name):
         if name in ignored or name.rsplit(".", 1)[-1] in ignored:
