@@ -188,3 +188,24 @@ def test_forced_kernel_must_be_known():
 def test_wgmma_query_of_a_missing_device_says_no():
     assert not _C.gemm_4bit_uses_wgmma(-1)
     assert not _C.gemm_4bit_uses_wgmma(torch.cuda.device_count())  # one past the last (0 without CUDA)
+
+
+# ---- the torch ops called directly ----------------------------------------------------------------
+def test_ops_check_their_shape_and_bias_arguments():
+    """A shape that does not fit the codes is an error in every op (the gradient op reads its
+    weight a slab at a time, so it checks the whole first), and so are a negative out_features and a
+    bias that is not floating point."""
+    import fp4.library  # noqa: F401  (registers torch.ops.fp4)
+
+    packed, state = F.quantize_4bit(torch.randn(128, 256), quant_type="nf4")
+    x = torch.randn(3, 256)
+    with pytest.raises(ValueError, match=r"packed: expected 12800 elements \(out_features \* in_features / 2\)"):
+        torch.ops.fp4.linear_4bit_grad_input(torch.randn(3, 128), packed, state.absmax, "nf4", 64, 200)
+    with pytest.raises(ValueError, match="packed: expected 16256 elements"):
+        torch.ops.fp4.linear_4bit(x, packed, state.absmax, None, "nf4", 64, 127)
+    with pytest.raises(ValueError, match="out_features, in_features: expected >= 0 and >= 1, got -1 and 256"):
+        torch.ops.fp4.linear_4bit(x, packed, state.absmax, None, "nf4", 64, -1)
+    with pytest.raises(TypeError, match="bias: expected float32, float16 or bfloat16, got torch.int32"):
+        torch.ops.fp4.linear_4bit(x, packed, state.absmax, torch.ones(128, dtype=torch.int32), "nf4", 64, 128)
+    dx = torch.ops.fp4.linear_4bit_grad_input(torch.ones(3, 128), packed, state.absmax, "nf4", 64, 256)
+    assert torch.allclose(dx, torch.ones(3, 128) @ F.dequantize_4bit(packed, state), atol=1e-4)

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _C
-from ._torch import dlpack_of, stream_of
+from ._torch import check_float_dtype, dlpack_of, stream_of
 from .quant_state import QuantState
 
 # Which CUDA kernel serves which batch (fp16/bf16 activations, in_features % 128 == 0 and aligned
@@ -86,6 +86,9 @@ class KernelArgs:
         self.quant_type = quant_type
         self.blocksize = int(blocksize)
         self.out_features, self.in_features = (int(d) for d in shape)
+        if self.out_features < 0 or self.in_features < 1:
+            raise ValueError(f"out_features, in_features: expected >= 0 and >= 1, got {self.out_features} and "
+                             f"{self.in_features}")
         self._prepared = None
 
     @property
@@ -193,6 +196,7 @@ def linear_4bit_prepared(x: torch.Tensor, args: KernelArgs, bias: Optional[torch
     if m == 0 or out_features == 0:  # (nothing to compute; the kernels take no empty arrays)
         return y
     if bias is not None and bias.dtype != x.dtype:
+        check_float_dtype(bias, "bias")
         bias = bias.to(x.dtype)
     kernel = kernel or choose_kernel(x, args, m)
     y2 = y if flat else y.view(m, out_features)
@@ -235,6 +239,7 @@ def linear_4bit_grad_input(grad_out: torch.Tensor, args: KernelArgs) -> torch.Te
     lead = grad_out.shape[:-1]
     if grad_out.numel() == 0:  # (no rows, or no output features: nothing flows back)
         return grad_out.new_zeros(*lead, in_features)
+    args.prepared  # (checks the codes and scales against the shape: the slabs below read only parts of them)
     g = grad_out.reshape(-1, out_features)
     scales = _block_scales(args)
     # Slabs hold a whole number of blocks: a multiple of `blocksize` rows always does.
