@@ -210,3 +210,21 @@ def test_save_and_load_check_their_arguments(tmp_path):
         fp4.load("not a model", tmp_path / "x.safetensors")
     with pytest.raises(TypeError, match="entries"):
         fp4.load_state_dict(_model(), [torch.zeros(1)])
+    with pytest.raises(FileNotFoundError, match="path: no folder .*no_folder"):
+        fp4.save(_model(), tmp_path / "no_folder" / "x.safetensors")
+
+
+def test_save_pretrained_and_from_pretrained_check_their_arguments(tmp_path):
+    """A model that is not a Hugging Face one leaves no folder behind; a file is not a folder; a
+    missing folder is named as one (not taken for a Hub repo id)."""
+    with pytest.raises(TypeError, match="model: expected a Hugging Face PreTrainedModel"):
+        fp4.save_pretrained(_model(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("")
+    model = _model()
+    model.config = object()  # (a config is all save_pretrained asks of the model before writing)
+    with pytest.raises(NotADirectoryError, match="directory: .*file' is a file, not a folder"):
+        fp4.save_pretrained(model, tmp_path / "file")
+    pytest.importorskip("transformers")
+    with pytest.raises(FileNotFoundError, match="directory: no such folder .*missing"):
+        fp4.from_pretrained(tmp_path / "missing")

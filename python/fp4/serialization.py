@@ -31,6 +31,9 @@ def save(model: nn.Module, path: PathLike, metadata: Optional[Dict[str, str]] = 
     from safetensors.torch import save_file
 
     _check_model(model)
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"path: no folder {folder!r} to write {os.fspath(path)!r} into")
     tensors, aliases = _unique_tensors(model.state_dict())
     header = {"format": "pt", "fp4.aliases": json.dumps(aliases)}
     header.update(metadata or {})
@@ -113,10 +116,13 @@ def save_pretrained(model: nn.Module, directory: PathLike) -> None:
     """Saves a Hugging Face model converted to fp4 as a model folder: its config.json (with the
     bitsandbytes quantization_config, so the folder also loads with Hugging Face + bitsandbytes) and
     model.safetensors in bitsandbytes' keys. Reload it with `fp4.from_pretrained(directory)`."""
-    os.makedirs(directory, exist_ok=True)
+    _check_model(model)
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError("model: expected a Hugging Face PreTrainedModel (it has no .config); use fp4.save for others")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f"directory: {os.fspath(directory)!r} is a file, not a folder")
+    os.makedirs(directory, exist_ok=True)  # (only once the model is known to be one this can save)
     layers = [m for m in model.modules() if isinstance(m, FP4Linear)]
     if layers:
         first = layers[0]
@@ -140,6 +146,8 @@ def from_pretrained(directory: PathLike, model_class=None, device: Optional[Unio
     `dtype`: the dtype of the non-quantized weights (default: the config's)."""
     import transformers
 
+    if not os.path.isdir(directory):  # (a local folder: the Hub's repo-id message would only confuse)
+        raise FileNotFoundError(f"directory: no such folder {os.fspath(directory)!r}")
     config = transformers.AutoConfig.from_pretrained(directory)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the skeleton is built unquantized; fp4.load swaps the layers
