@@ -1,5 +1,6 @@
 // The C entry points: check every argument (naming it in the message), then dispatch to the CPU
 // or CUDA implementation. Nothing here does arithmetic.
+#include <cstdint>
 #include <cstring>
 #include <string>
 
@@ -121,11 +122,11 @@ int fp4_get_num_threads(void) { return cpu::num_threads(); }
 const char* fp4_cpu_kernels(void) { return cpu::linear_kernels(); }
 
 int64_t fp4_num_blocks(int64_t n, int64_t blocksize) {
-  if (n < 0 || blocksize <= 0) return -1;
+  if (n < 0 || n > kMaxElements || blocksize <= 0) return -1;  // (n + blocksize - 1 would overflow past 2^63)
   return (n + blocksize - 1) / blocksize;
 }
 
-int64_t fp4_packed_bytes(int64_t n) { return n < 0 ? -1 : (n + 1) / 2; }
+int64_t fp4_packed_bytes(int64_t n) { return n < 0 || n > kMaxElements ? -1 : (n + 1) / 2; }
 
 fp4_status fp4_quantize_4bit(const fp4_exec* exec, fp4_quant_type quant_type, const void* input, fp4_dtype dtype,
                              int64_t n, int64_t blocksize, uint8_t* packed, float* absmax) {
@@ -214,6 +215,8 @@ fp4_status fp4_linear_4bit(const fp4_exec* exec, fp4_quant_type quant_type, cons
 
 size_t fp4_gemm_4bit_workspace_size(int64_t m, int64_t n) {
   if (m <= 0 || n <= 0) return 0;
+  // (a size no allocation can have, rather than a wrapped product that fp4_gemm_4bit would accept)
+  if (m > kMaxElements || n > kMaxElements || uint64_t(m) > SIZE_MAX / 1024 / uint64_t(n)) return SIZE_MAX;
 #ifdef FP4_WITH_CUDA
   return cuda::gemm_4bit_workspace_size(m, n);
 #else

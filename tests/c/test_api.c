@@ -1,6 +1,7 @@
 /* Calls the C API directly, from C: quantize and dequantize on the CPU, nested statistics, and the
  * status/message contract for bad arguments. */
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,6 +85,17 @@ static void round_trip(fp4_quant_type type, int64_t n, int64_t blocksize, int ne
 
 static void bad_arguments(void) {
   const fp4_exec cpu = {FP4_DEVICE_CPU, 0, NULL};
+  /* The size helpers: -1 (or SIZE_MAX for a workspace) rather than a wrapped value past 2^60. */
+  EXPECT(fp4_num_blocks(INT64_MAX, 64) == -1 && fp4_num_blocks(-1, 64) == -1 && fp4_num_blocks(64, 0) == -1,
+         "num_blocks of an impossible count: %lld", (long long)fp4_num_blocks(INT64_MAX, 64));
+  EXPECT(fp4_num_blocks((int64_t)1 << 60, 64) == ((int64_t)1 << 54) && fp4_num_blocks(65, 64) == 2,
+         "num_blocks at the bounds");
+  EXPECT(fp4_packed_bytes(INT64_MAX) == -1 && fp4_packed_bytes(-1) == -1 && fp4_packed_bytes(3) == 2,
+         "packed_bytes of an impossible count: %lld", (long long)fp4_packed_bytes(INT64_MAX));
+  EXPECT(fp4_gemm_4bit_workspace_size(INT64_MAX, INT64_MAX) == SIZE_MAX &&
+             fp4_gemm_4bit_workspace_size((int64_t)1 << 40, (int64_t)1 << 40) == SIZE_MAX,
+         "workspace size wrapped: %zu", fp4_gemm_4bit_workspace_size((int64_t)1 << 40, (int64_t)1 << 40));
+  EXPECT(fp4_gemm_4bit_workspace_size(0, 5) == 0 && fp4_gemm_4bit_workspace_size(-1, 5) == 0, "empty workspace");
   float x[64] = {1.0f};
   uint8_t packed[32];
   float absmax[2];

@@ -93,9 +93,10 @@ FP4_API int fp4_get_num_threads(void);
 FP4_API const char* fp4_cpu_kernels(void);
 
 /* ---- 4-bit blockwise quantization (bitsandbytes layout, bit-exact) -------------------------- */
-/* Valid blocksizes: 32, 64, 128, 256, 512, 1024, 2048, 4096. */
+/* Valid blocksizes: 32, 64, 128, 256, 512, 1024, 2048, 4096. Blocks of n elements: ceil(n /
+ * blocksize); -1 when n < 0, n > 2^60 or blocksize <= 0. */
 FP4_API int64_t fp4_num_blocks(int64_t n, int64_t blocksize);
-/* Bytes of packed codes for n elements: ceil(n / 2). */
+/* Bytes of packed codes for n elements: ceil(n / 2); -1 when n < 0 or n > 2^60. */
 FP4_API int64_t fp4_packed_bytes(int64_t n);
 
 /* Quantize n elements of `input` (dtype) to packed[fp4_packed_bytes(n)] and absmax[num_blocks].
@@ -128,7 +129,7 @@ FP4_API fp4_status fp4_linear_4bit(const fp4_exec* exec, fp4_quant_type quant_ty
  * exec's device (contents are scratch; NULL is allowed only when that size is 0; for m <= 16 it is
  * at least 512 KiB per batch row). On GPUs whose blocks hold ~200 KB of shared memory (H100),
  * batches m <= 16 add the split sums in a fixed order: the same inputs give the same bits on every
- * call. */
+ * call. 0 when m or n is <= 0; SIZE_MAX (no allocation has it) when the size would overflow. */
 FP4_API size_t fp4_gemm_4bit_workspace_size(int64_t m, int64_t n);
 FP4_API fp4_status fp4_gemm_4bit(const fp4_exec* exec, fp4_quant_type quant_type, const void* x, fp4_dtype dtype,
                                  int64_t m, int64_t k, const uint8_t* packed, const fp4_scales* scales, int64_t n,
