@@ -209,3 +209,25 @@ def test_ops_check_their_shape_and_bias_arguments():
         torch.ops.fp4.linear_4bit(x, packed, state.absmax, torch.ones(128, dtype=torch.int32), "nf4", 64, 128)
     dx = torch.ops.fp4.linear_4bit_grad_input(torch.ones(3, 128), packed, state.absmax, "nf4", 64, 256)
     assert torch.allclose(dx, torch.ones(3, 128) @ F.dequantize_4bit(packed, state), atol=1e-4)
+
+
+def test_a_layer_from_codes_and_state_is_checked_when_built():
+    """FP4Linear(packed=..., state=...) names the array that does not fit the state's shape when the
+    layer is built, not at its first forward; integer scales are refused, not converted."""
+    import fp4
+
+    packed, state = F.quantize_4bit(torch.randn(64, 128), quant_type="nf4")
+    fp4.FP4Linear(packed=packed.reshape(-1).view(torch.bfloat16), state=state)  # (codes in another storage dtype)
+    with pytest.raises(ValueError, match=r"packed: expected 4096 bytes of codes for a \(64, 128\) weight, got 10"):
+        fp4.FP4Linear(packed=packed[:10], state=state)
+    with pytest.raises(ValueError, match=r"bias: expected 64 float values .* got shape \(3,\)"):
+        fp4.FP4Linear(packed=packed, state=state, bias=torch.zeros(3))
+    short = F.quantize_4bit(torch.randn(64, 128), quant_type="nf4")[1]
+    short.absmax = short.absmax[:-1]
+    with pytest.raises(ValueError, match="state.absmax: expected 128 values"):
+        fp4.FP4Linear(packed=packed, state=short)
+    state.absmax = state.absmax.int()
+    with pytest.raises(TypeError, match="state.absmax: expected float32 scales, got torch.int32"):
+        fp4.FP4Linear(packed=packed, state=state)
+    with pytest.raises(TypeError, match="quant_state.absmax: expected float32 scales, got torch.int32"):
+        F.dequantize_4bit(packed, state)

@@ -107,7 +107,11 @@ def _nested_args(state: QuantState) -> dict:
 
 
 def _scales_of(state: QuantState) -> torch.Tensor:
-    return (state.state2.absmax if state.nested else state.absmax).float().contiguous()
+    scales = state.state2.absmax if state.nested else state.absmax
+    if not scales.is_floating_point():  # (.float() of integer scales would pass silently)
+        raise TypeError(f"quant_state.{'state2.' if state.nested else ''}absmax: expected float32 scales, "
+                        f"got {scales.dtype}")
+    return scales.float().contiguous()
 
 
 def dequantize_4bit(

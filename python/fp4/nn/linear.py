@@ -51,6 +51,7 @@ class FP4Linear(nn.Module):
         self.out_features, self.in_features = (int(d) for d in state.shape)
         self.quant_type = check_quant_type(state.quant_type)
         self.blocksize = check_blocksize(int(state.blocksize))
+        _check_quantized(packed, state, bias)
         self._set_quantized(packed, state)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
 
@@ -219,3 +220,26 @@ def _undo_bnb_cpu_packing(packed: torch.Tensor, state):
 
 def _is_bnb_linear4bit(layer) -> bool:
     return type(layer).__name__ in ("Linear4bit", "LinearFP4", "LinearNF4") and hasattr(layer.weight, "quant_state")
+
+
+def _check_quantized(packed: torch.Tensor, state: QuantState, bias: Optional[torch.Tensor]) -> None:
+    """A layer built from packed codes and a state must be one that can run: its arrays agree with
+    its shape (a mismatch found at the first forward would name arrays the caller never passed)."""
+    if len(state.shape) != 2:
+        raise ValueError(f"state.shape: expected (out_features, in_features), got {tuple(state.shape)}")
+    values = state.shape[0] * state.shape[1]
+    code_bytes = packed.numel() * packed.element_size()  # (codes may be stored as another dtype)
+    if code_bytes != (values + 1) // 2:
+        raise ValueError(f"packed: expected {(values + 1) // 2} bytes of codes for a {tuple(state.shape)} weight, "
+                         f"got {code_bytes}")
+    blocks = -(-values // int(state.blocksize))
+    if state.absmax.numel() != blocks:
+        raise ValueError(f"state.absmax: expected {blocks} values (one per block of {state.blocksize}), "
+                         f"got {state.absmax.numel()}")
+    if state.nested and state.absmax.dtype != torch.uint8:
+        raise TypeError(f"state.absmax: expected uint8 codes (nested statistics), got {state.absmax.dtype}")
+    if not state.nested and state.absmax.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"state.absmax: expected float32 scales, got {state.absmax.dtype}")
+    if bias is not None and (bias.dim() != 1 or bias.numel() != state.shape[0] or bias.dtype not in FLOAT_DTYPES):
+        raise ValueError(f"bias: expected {state.shape[0]} float values (one per output feature), got shape "
+                         f"{tuple(bias.shape)} of {bias.dtype}")
