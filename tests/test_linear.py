@@ -49,6 +49,25 @@ def test_leading_dims_and_empty_batch(device):
     assert layer(torch.randn(0, 256, device=device)).shape == (0, 64)
 
 
+def test_deepcopy_and_pickle_after_a_forward(device):
+    """A layer that has run (and holds libfp4's prepared arrays) can be deep-copied and pickled; each
+    copy computes over its own buffers."""
+    import copy
+    import io
+
+    layer = fp4.FP4Linear.from_linear(nn.Linear(128, 64, device=device), quant_type="nf4")
+    x = torch.randn(3, 128, device=device)
+    expected = layer(x)
+    twin = copy.deepcopy(layer)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(twin(x), expected) and torch.equal(loaded(x), expected)
+    twin.bias.data.zero_()
+    assert torch.equal(layer(x), expected) and not torch.equal(twin(x), expected)
+
+
 def test_no_output_features(device):
     """A layer with no output features gives an empty result, as nn.Linear does, and no gradient
     (eager, autograd, compiled)."""

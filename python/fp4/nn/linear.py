@@ -192,6 +192,13 @@ class FP4Linear(nn.Module):
                 self._buffers[name] = before.to(after.device)
         return self
 
+    def __getstate__(self):
+        # (copy.deepcopy and pickling: libfp4's prepared arrays are not picklable; the copy builds its
+        # own on its first forward, over its own buffers)
+        state = dict(super().__getstate__())
+        state["_kernel_args"] = None
+        return state
+
     def extra_repr(self) -> str:
         nested = ", double_quant" if self.nested_absmax is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
