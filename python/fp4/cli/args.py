@@ -19,6 +19,7 @@ def _items(text, what):
 
 
 def positive_int(text):
+    """'16' -> 16; anything below 1, or not an integer, is an error."""
     try:
         value = int(text)
     except ValueError:
@@ -83,6 +84,7 @@ def device(text):
 
 
 def input_file(text):
+    """A path to an existing file."""
     if not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"{text!r}: no such file")
     return text

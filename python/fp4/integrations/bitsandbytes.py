@@ -80,6 +80,7 @@ def _override(library, name: str, kernel, key: str) -> None:
 
 
 def is_enabled() -> bool:
+    """Whether bitsandbytes' 4-bit ops run on fp4's kernels now (enable() was called, disable() not since)."""
     return _library is not None
 
 

@@ -117,6 +117,8 @@ class FP4Linear(nn.Module):
         return F.dequantize_4bit(self.weight, self.quant_state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x @ W^T + bias for x of shape (..., in_features) in float32, float16 or bfloat16 on the
+        layer's device; y has x's dtype. Differentiable in x (and in bias once it requires grad)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in FLOAT_DTYPES:
