@@ -538,8 +538,8 @@ void launch_with_finish(const fp4_exec& exec, int64_t total, int64_t stages_per_
   const int64_t shared_tiles = tiles - ranges.whole_tiles();
   if (shared_tiles == 0) return;  // (every tile summed whole)
   launch_dependent(device, finish_stream_kernel<T>, dim3(unsigned(shared_tiles), unsigned(m)),
-                   finish_threads(shared_tiles * m, ranges.blocks, fed_batch8), 0, stream_of(exec), "gemm_4bit finish kernel", ranges, tile_rows, m, n,
-                   workspace, bias, y);
+                   finish_threads(shared_tiles * m, ranges.blocks, fed_batch8), 0, stream_of(exec),
+                   "gemm_4bit finish kernel", ranges, tile_rows, m, n, workspace, bias, y);
 }
 
 template <typename T, int NT, bool kBlock64, bool kNested>

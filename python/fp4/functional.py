@@ -106,6 +106,16 @@ def _nested_args(state: QuantState) -> dict:
                 nested_offset=state.offset.float().reshape(1), nested_blocksize=int(state.state2.blocksize))
 
 
+def check_code_bytes(codes: torch.Tensor, shape, name: str) -> None:
+    """Packed codes for a weight of `shape`, two per byte, counted in bytes: they may be stored as
+    another dtype (bitsandbytes' quant_storage)."""
+    values = torch.Size(shape).numel()
+    got = codes.numel() * codes.element_size()
+    if got != (values + 1) // 2:
+        raise ValueError(f"{name}: expected {(values + 1) // 2} bytes of codes for a {tuple(shape)} weight, got "
+                         f"{got} bytes ({codes.numel()} {codes.dtype} elements)")
+
+
 def _scales_of(state: QuantState) -> torch.Tensor:
     scales = state.state2.absmax if state.nested else state.absmax
     if not scales.is_floating_point():  # (.float() of integer scales would pass silently)
@@ -153,11 +163,8 @@ def dequantize_4bit(
         if out.shape != shape or out.dtype != quant_state.dtype:
             raise ValueError(f"out: expected shape {tuple(shape)} and dtype {quant_state.dtype}, "
                              f"got {tuple(out.shape)} and {out.dtype}")
+    check_code_bytes(A, shape, "A")
     codes = A.contiguous().view(torch.uint8) if A.dtype != torch.uint8 else A.contiguous()
-    if codes.numel() != (shape.numel() + 1) // 2:  # (named here: A may be a quant_storage view, counted in bytes)
-        raise ValueError(f"A: expected {(shape.numel() + 1) // 2} bytes of codes (two per byte) for the "
-                         f"{shape.numel()} values of shape {tuple(shape)}, got {codes.numel()} bytes "
-                         f"({A.numel()} {A.dtype} elements)")
     target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     _C.dequantize_4bit(codes.reshape(-1), _scales_of(quant_state), target.reshape(-1), qt, bs, stream_of(target),
                        **_nested_args(quant_state))

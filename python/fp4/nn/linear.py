@@ -236,11 +236,8 @@ def _check_quantized(packed: torch.Tensor, state: QuantState, bias: Optional[tor
     its shape (a mismatch found at the first forward would name arrays the caller never passed)."""
     if len(state.shape) != 2:
         raise ValueError(f"state.shape: expected (out_features, in_features), got {tuple(state.shape)}")
+    F.check_code_bytes(packed, state.shape, "packed")
     values = state.shape[0] * state.shape[1]
-    code_bytes = packed.numel() * packed.element_size()  # (codes may be stored as another dtype)
-    if code_bytes != (values + 1) // 2:
-        raise ValueError(f"packed: expected {(values + 1) // 2} bytes of codes for a {tuple(state.shape)} weight, "
-                         f"got {code_bytes}")
     blocks = -(-values // int(state.blocksize))
     if state.absmax.numel() != blocks:
         raise ValueError(f"state.absmax: expected {blocks} values (one per block of {state.blocksize}), "
