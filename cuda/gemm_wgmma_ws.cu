@@ -24,8 +24,11 @@
 // a second one; the consumers wait on both (each warpgroup on its own: no barrier couples the
 // two). EMPTY[slot], a named barrier, tells the producers that the multiplies that read a slot are
 // retired. The producers give most of their registers to the consumers (setmaxnreg): BN / 2
-// accumulators and two stages of fragments per thread. Measurements and what was tried:
-// docs/perf-log.md.
+// accumulators and two stages of fragments per thread. A call's kernels (zeroing, GEMM, finish)
+// launch as programmatic dependents (launch.cuh): a block builds its pair table while the kernel
+// before it drains (H100, bf16 nf4, same process, us, before / after: (14336, 4096) batch 64 23.9 /
+// 22.1, (4096, 14336) 128 36.7 / 32.9, (4096, 4096) 17 16.2 / 12.7; batch 1024 within 1.5%).
+// Measurements and what was tried: docs/perf-log.md.
 #include "build_config.h"
 #include "kernels.hpp"
 #include "mma_4bit.cuh"
@@ -304,17 +307,23 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
   float* const codes = reinterpret_cast<float*>(table + C::kTableBytes + (C::kStagingInScaleRing ? 0 : C::kStagingBytes));
   uint64_t* const x_arrived = reinterpret_cast<uint64_t*>(codes + kCodeBytes / sizeof(float));  // [slot]
   uint64_t* const w_arrived = x_arrived + S;                                                      // [slot]
+  allow_successor();
+  int64_t stage_begin, stage_end;  // (numbered across tiles: WsWork)
+  work.stages_of(blockIdx.x, stage_begin, stage_end);
+  const int stages = int(stage_end - stage_begin);
+  // Launched as a dependent (launch.cuh): until the kernel before it completes, the block builds the
+  // pair table (with nested statistics after the wait: it reads the nested codebook). An L2
+  // prefetch of the block's first stages before the wait, as the stream kernels do, lost 0-6%
+  // here (perf log).
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) tma::mbarrier_init(x_arrived + s, 1), tma::mbarrier_init(w_arrived + s, C::kProducers);
     tma::fence_barrier_init();
   }
+  if constexpr (kNested) wait_for_predecessor();
   build_pair_table<T, 128, kNested>(table, codes, code, scales);  // (its barrier orders the inits)
+  if constexpr (!kNested) wait_for_predecessor();
   __syncthreads();  // the pair table
-
-  int64_t stage_begin, stage_end;  // (numbered across tiles: WsWork)
-  work.stages_of(blockIdx.x, stage_begin, stage_end);
-  if (stage_begin >= stage_end) return;  // (block-uniform)
-  const int stages = int(stage_end - stage_begin);
+  if (stages <= 0) return;  // (block-uniform)
   constexpr int kEmpty = 1;  // named barrier id of slot 0's EMPTY
   const bool walker = blockIdx.x < work.walkers;  // (it jumps to its next tile: WsWork)
 
@@ -526,6 +535,8 @@ template <typename T, int BN>
 __global__ void __launch_bounds__(256) finish_shared_tiles(const float* __restrict__ sums, WsWork work, int64_t m,
                                                            int64_t n, const T* __restrict__ bias, T* __restrict__ y) {
   constexpr int64_t kTileSums = 128 * BN;
+  allow_successor();
+  wait_for_predecessor();  // (the sums)
   const int64_t s = blockIdx.x, tile = work.whole_tiles + s;
   const int q = blockIdx.y;
   const int64_t batch0 = tile % work.batch_tiles * BN + 8 * q;  // (float4 q: batch rows 8 q + [0, 8))
@@ -542,6 +553,15 @@ __global__ void __launch_bounds__(256) finish_shared_tiles(const float* __restri
   }
   wgmma::store_accumulators(acc, tile / work.batch_tiles * 128 + consumer_warp_row(threadIdx.x), batch0, m, n, bias,
                             y, nullptr);
+}
+
+// Zeroes `count` float4s of sums (the atomics' tiles: WsWork), launched as a dependent: a memset
+// between two kernels would end the chain of dependent launches (launch.cuh).
+__global__ void __launch_bounds__(256) zero_sums(float4* __restrict__ sums, int64_t count) {
+  allow_successor();
+  wait_for_predecessor();
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x)
+    sums[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 }
 
 #undef FP4_SM90_ONLY
@@ -618,24 +638,26 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
   const CUtensorMap w_map =
       tma::map_2d(packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, k / 2, n, k / 2, C::kRowBytes, C::kTileRows,
                   C::kRowBytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_32B, "packed");
+  const int device = exec.device_index;
   cudaStream_t stream = stream_of(exec);
   // (tiles + batch_tiles tiles of sums fit the workspace: gemm_4bit_wgmma_ws_sums_bytes)
   const int64_t shared_tiles = work.shared_tiles();
-  if (shared_tiles > 0 && !work.in_slots)
-    check(cudaMemsetAsync(workspace, 0, size_t(shared_tiles) * C::kTileRows * BN * sizeof(float), stream),
-          "cudaMemsetAsync");
+  if (shared_tiles > 0 && !work.in_slots) {
+    const int64_t count = shared_tiles * C::kTileRows * BN / 4;
+    launch_dependent(device, zero_sums, dim3(unsigned(std::min<int64_t>((count + 255) / 256, 4 * sm_count(device)))),
+                     256, 0, stream, "gemm_4bit warp-specialized zeroing kernel", reinterpret_cast<float4*>(workspace),
+                     count);
+  }
   // y in 16-byte pieces where they are aligned (store_tile_rows); FP4_CUDA_WS_PIECES=0 forces the
   // element stores (tests: both give the same bits).
   const bool y_in_pieces =
       n % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0 && switch_setting("FP4_CUDA_WS_PIECES") != 0;
-  kernel<<<unsigned(work.blocks()), C::kThreads, C::kSmemBytes, stream>>>(x_map, w_map, m, k, packed, scales,
-                                                                           nested_shift(scales), n, blocksize_log2,
-                                                                           code, work, bias, y, y_in_pieces, workspace);
-  check_launch("gemm_4bit warp-specialized wgmma kernel");
-  if (shared_tiles > 0) {
-    finish_shared_tiles<T, BN><<<dim3(unsigned(shared_tiles), BN / 8), 256, 0, stream>>>(workspace, work, m, n, bias, y);
-    check_launch("gemm_4bit warp-specialized finish kernel");
-  }
+  launch_dependent(device, kernel, dim3(unsigned(work.blocks())), C::kThreads, C::kSmemBytes, stream,
+                   "gemm_4bit warp-specialized wgmma kernel", x_map, w_map, m, k, packed, scales, nested_shift(scales),
+                   n, blocksize_log2, code, work, bias, y, y_in_pieces, workspace);
+  if (shared_tiles > 0)
+    launch_dependent(device, finish_shared_tiles<T, BN>, dim3(unsigned(shared_tiles), BN / 8), 256, 0, stream,
+                     "gemm_4bit warp-specialized finish kernel", workspace, work, m, n, bias, y);
 }
 
 }  // namespace
