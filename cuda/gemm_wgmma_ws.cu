@@ -164,9 +164,17 @@ struct FastDivisor {
 //  - else (a single wave split many ways: more blocks than that): slot s, zeroed first, and the
 //    blocks add into it atomically. Atomics cost more per byte (measured at batch 256, (28672,
 //    8192): sharing the second wave was 5% slower than not) but the batch is small there.
+// A single wave split cluster_splits (2-8) ways runs in clusters of that many blocks instead, one
+// tile per cluster (shared_blocks = tiles x splits keeps each block's run in one tile): the blocks
+// leave their sums in shared memory and add up each other's there (reduce_in_cluster), so no
+// workspace, no zeroing or finish kernel, and the same bits every call. H100, bf16 nf4, same
+// process, us, through the workspace / in clusters: (3072, 4096) batch 17 10.5 / 8.9, 64 12.3 /
+// 10.1, 256 23.2 / 18.6; (2048, 4096) 64 10.4 / 9.7, 256 21.4 / 17.3; (1024, 8192) (8 ways) 64
+// 9.9 / 10.1, 256 18.9 / 18.2.
 struct WsWork {
   int64_t tile_stages, batch_tiles, tiles, whole_tiles, shared_pairs, shared_blocks, walkers;
   bool in_slots;
+  int cluster_splits;
   // (for the kernel's stage walk, all counts < 2^31: ws_work)
   FastDivisor by_tile_stages, by_batch_tiles, by_shared_blocks;
 
@@ -282,6 +290,59 @@ __device__ __forceinline__ void store_tile_rows(const float (&d)[BN / 2], uint8_
   }
 }
 
+// Thread-block clusters (sm_90). cluster_sync: every thread of every block of the cluster arrives
+// (releasing its shared-memory writes) and waits (acquiring the others').
+__device__ __forceinline__ void cluster_sync() {
+  FP4_SM90_ONLY(asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory"));
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t rank = 0;
+  FP4_SM90_ONLY(asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank)));
+  return rank;
+}
+// A float4 at shared-window address `local` of the cluster's block `rank`.
+__device__ __forceinline__ float4 load_from_block(uint32_t local, uint32_t rank) {
+  float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  FP4_SM90_ONLY(uint32_t remote; asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+                asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                             : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                             : "r"(remote)
+                             : "memory"));
+  return v;
+}
+// Named barrier of the 256 consumer threads (ids 1-12 are the ring's EMPTY barriers).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 15, 256;" ::: "memory"); }
+
+// The end of a tile split `splits` ways over a cluster (WsWork::cluster_splits; the block of rank
+// r summed the tile's r-th part of k): each block leaves its sums in its ring (`ring`, idle now:
+// float4 q of consumer c at q * 256 + c), then block r adds the float4s q in [r Q / splits, (r + 1)
+// Q / splits) of every block in rank order (Q = BN / 8: the work split evenly, the same bits every
+// call) and stores them with the bias to y. The second cluster_sync keeps every block's shared
+// memory alive until the others have read it. Consumer thread c's values, rows row0 (its warp's
+// first) and batch rows batch0 + 8 q on (wgmma::store_accumulators' layout).
+template <typename T, int BN>
+__device__ __forceinline__ void reduce_in_cluster(const float (&acc)[BN / 2], uint8_t* ring, int splits, int consumer,
+                                                  int64_t row0, int64_t batch0, int64_t m, int64_t n, const T* bias,
+                                                  T* y) {
+  float4* const sums = reinterpret_cast<float4*>(ring);
+  consumers_sync();  // (both warpgroups' multiplies have read the ring's last stage)
+#pragma unroll
+  for (int q = 0; q < BN / 8; ++q)
+    sums[q * 256 + consumer] = make_float4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]);
+  cluster_sync();
+  const int rank = int(cluster_rank());
+  const uint32_t local = uint32_t(__cvta_generic_to_shared(sums + consumer));
+  for (int q = rank * (BN / 8) / splits; q < (rank + 1) * (BN / 8) / splits && batch0 + 8 * q < m; ++q) {
+    float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int block = 0; block < splits; ++block) {
+      const float4 v = load_from_block(local + uint32_t(q * 256) * 16, uint32_t(block));
+      total[0] += v.x, total[1] += v.y, total[2] += v.z, total[3] += v.w;
+    }
+    wgmma::store_accumulators(total, row0, batch0 + 8 * q, m, n, bias, y, nullptr);
+  }
+  cluster_sync();
+}
+
 // Where warp w of consumer thread c's warpgroup holds rows of a tile: rows warp_row + [0, 16).
 __device__ __forceinline__ int consumer_warp_row(int consumer) { return 64 * (consumer / 128) + 16 * ((consumer / 32) % 4); }
 
@@ -393,6 +454,7 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
     }
     cp_async_commit();  // (this thread's copies land before it exits)
     cp_async_wait<0>();
+    if (work.cluster_splits > 1) cluster_sync(), cluster_sync();  // (reduce_in_cluster's two)
     return;
   }
 
@@ -514,7 +576,9 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
     for (int a = 0; a < kAtoms; ++a) wgmma::keep(frag[0][a]), wgmma::keep(frag[1][a]);
     constexpr int64_t kTileSums = C::kTileRows * BN;
     const int64_t shared_tile = tile - work.whole_tiles, shared_block = blockIdx.x - work.walkers;
-    if (walker && y_in_pieces)
+    if (work.cluster_splits > 1)
+      reduce_in_cluster<T, BN>(acc, xring, work.cluster_splits, consumer, tile_row0 + warp_row, batch0, m, n, bias, y);
+    else if (walker && y_in_pieces)
       store_tile_rows<T, BN>(acc, staging + (consumer / 32) * (C::kStagingBytes / 8), tile_row0 + warp_row, batch0,
                              m, n, bias, y, lane);
     else if (walker)
@@ -615,6 +679,10 @@ WsWork ws_work(int64_t m, int64_t n, int64_t k, int device) {
     work.shared_blocks = std::min(work.shared_pairs, splits > 1 ? tiles * splits : capacity);
     // (past one wave: shared tiles <= tiles - capacity + batch_tiles - 1, blocks <= capacity)
     work.in_slots = work.shared_blocks + (tiles - shared_from) <= tiles + batch_tiles;
+    // (each of a tile's splits >= 1 pair: one_wave_splits keeps >= 1024 columns each; launch()
+    // checks that all the clusters fit at once; FP4_CUDA_WS_CLUSTER=0 for the other way)
+    if (splits > 1 && splits <= 8 && work.shared_blocks == tiles * splits && switch_setting("FP4_CUDA_WS_CLUSTER") != 0)
+      work.cluster_splits = int(splits);
   }
   // Whole tiles by at most one wave of walkers (FP4_CUDA_WS_WALK=0: a block per tile, for tests and A/Bs).
   work.walkers = switch_setting("FP4_CUDA_WS_WALK") == 0 ? work.whole_tiles : std::min(work.whole_tiles, capacity);
@@ -631,7 +699,16 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
   allow_dynamic_smem<kernel>(exec.device_index, C::kSmemBytes);
   // (the kernel takes a tile's stages in pairs, one per fragment buffer)
   if (k % (2 * C::kStageK) != 0) fail(FP4_ERROR_INTERNAL, "gemm_4bit warp-specialized kernel: k % (2 stages) != 0");
-  const WsWork work = ws_work<C>(m, n, k, exec.device_index);
+  WsWork work = ws_work<C>(m, n, k, exec.device_index);
+  // Clusters only where all of them run at once (the H100 holds 30 of 4 blocks of this kernel, 15 of
+  // 8): else the sums go through the workspace. Fewer splits, so that the clusters fit, lost more
+  // than the workspace costs ((4096, 14336) batch 64: 3 splits in clusters 27.3 us, 4 through the
+  // workspace 24.2).
+  if (work.cluster_splits > 1 &&
+      max_active_clusters<kernel>(exec.device_index, unsigned(work.cluster_splits), C::kThreads, C::kSmemBytes) <
+          work.tiles)
+    work.cluster_splits = 0;
+  const int cluster = std::max(work.cluster_splits, 1);
   const CUtensorMap x_map = activation_map(x, std::is_same_v<T, __half> ? FP4_FLOAT16 : FP4_BFLOAT16, m, k, BN);
   // (boxes of a stage's kRowBytes x the tile's rows in the swizzle of that span: weight_piece; every
   // GEMM's packed is 16-byte aligned, api.cpp)
@@ -641,7 +718,7 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
   const int device = exec.device_index;
   cudaStream_t stream = stream_of(exec);
   // (tiles + batch_tiles tiles of sums fit the workspace: gemm_4bit_wgmma_ws_sums_bytes)
-  const int64_t shared_tiles = work.shared_tiles();
+  const int64_t shared_tiles = cluster > 1 ? 0 : work.shared_tiles();
   if (shared_tiles > 0 && !work.in_slots) {
     const int64_t count = shared_tiles * C::kTileRows * BN / 4;
     launch_dependent(device, zero_sums, dim3(unsigned(std::min<int64_t>((count + 255) / 256, 4 * sm_count(device)))),
@@ -652,9 +729,10 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
   // element stores (tests: both give the same bits).
   const bool y_in_pieces =
       n % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0 && switch_setting("FP4_CUDA_WS_PIECES") != 0;
-  launch_dependent(device, kernel, dim3(unsigned(work.blocks())), C::kThreads, C::kSmemBytes, stream,
-                   "gemm_4bit warp-specialized wgmma kernel", x_map, w_map, m, k, packed, scales, nested_shift(scales),
-                   n, blocksize_log2, code, work, bias, y, y_in_pieces, workspace);
+  launch_dependent_clusters(device, unsigned(cluster), kernel, dim3(unsigned(work.blocks())), C::kThreads,
+                            C::kSmemBytes, stream, "gemm_4bit warp-specialized wgmma kernel", x_map, w_map, m, k,
+                            packed, scales, nested_shift(scales), n, blocksize_log2, code, work, bias, y, y_in_pieces,
+                            workspace);
   if (shared_tiles > 0)
     launch_dependent(device, finish_shared_tiles<T, BN>, dim3(unsigned(shared_tiles), BN / 8), 256, 0, stream,
                      "gemm_4bit warp-specialized finish kernel", workspace, work, m, n, bias, y);

@@ -17,6 +17,7 @@
 //  - allow_successor may come any time: the successor's blocks then only wait.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 
 #include "common.cuh"
@@ -81,22 +82,70 @@ inline bool dependent_launch_enabled(int device) {
   return device_attribute<cudaDevAttrComputeCapabilityMajor>(device, 0) >= 9;
 }
 
+// Launches in clusters of `cluster` blocks along x (sm_90).
+inline cudaLaunchAttribute cluster_attribute(unsigned cluster) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim = {cluster, 1, 1};
+  return attribute;
+}
+
+// The launch of `grid` blocks of `threads` in clusters of `cluster` blocks along x (1: none; sm_90),
+// as a programmatic dependent of the stream's previous kernel where dependent_launch_enabled.
+struct DependentLaunch {
+  cudaLaunchAttribute attributes[2] = {};
+  cudaLaunchConfig_t config = {};
+
+  DependentLaunch(int device, dim3 grid, unsigned threads, size_t smem_bytes, cudaStream_t stream,
+                  unsigned cluster = 1) {
+    config.gridDim = grid;
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = smem_bytes;
+    config.stream = stream;
+    config.attrs = attributes;
+    if (dependent_launch_enabled(device)) {
+      attributes[config.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attributes[config.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (cluster > 1) attributes[config.numAttrs++] = cluster_attribute(cluster);
+  }
+};
+
 // kernel<<<grid, threads, smem_bytes, stream>>>(args...) as a programmatic dependent of the
 // stream's previous kernel where dependent_launch_enabled; throws naming `what` if it fails.
 template <typename... Params, typename... Args>
 void launch_dependent(int device, void (*kernel)(Params...), dim3 grid, unsigned threads, size_t smem_bytes,
                       cudaStream_t stream, const char* what, Args&&... args) {
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = smem_bytes;
-  config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = dependent_launch_enabled(device) ? 1 : 0;
-  check(cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...), what);
+  DependentLaunch launch(device, grid, threads, smem_bytes, stream);
+  check(cudaLaunchKernelEx(&launch.config, kernel, static_cast<Params>(args)...), what);
+}
+// The same in clusters of `cluster` blocks along x.
+template <typename... Params, typename... Args>
+void launch_dependent_clusters(int device, unsigned cluster, void (*kernel)(Params...), dim3 grid, unsigned threads,
+                               size_t smem_bytes, cudaStream_t stream, const char* what, Args&&... args) {
+  DependentLaunch launch(device, grid, threads, smem_bytes, stream, cluster);
+  check(cudaLaunchKernelEx(&launch.config, kernel, static_cast<Params>(args)...), what);
+}
+
+// How many clusters of `cluster` blocks of kKernel (threads, smem_bytes) `device` runs at once,
+// cached per device and cluster size (2-8): a grid of more does not run in one wave.
+template <auto kKernel>
+int max_active_clusters(int device, unsigned cluster, unsigned threads, size_t smem_bytes) {
+  static std::atomic<int> cached[64][9];  // (threads may race to fill it: they store the same value)
+  if (device < 0 || device >= 64 || cluster < 2 || cluster > 8) return 0;
+  if (cached[device][cluster].load() == 0) {
+    cudaLaunchAttribute attribute = cluster_attribute(cluster);
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(cluster);
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = smem_bytes;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    int clusters = 0;
+    check(cudaOccupancyMaxActiveClusters(&clusters, kKernel, &config), "cudaOccupancyMaxActiveClusters");
+    cached[device][cluster].store(clusters > 0 ? clusters : -1);
+  }
+  return std::max(cached[device][cluster].load(), 0);
 }
 
 }  // namespace fp4::cuda

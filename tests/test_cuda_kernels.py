@@ -152,6 +152,39 @@ def test_warp_specialized_walkers_take_tiles_in_turn(monkeypatch, share, batch):
     _check(layer, x, "gemm")
 
 
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+@pytest.mark.parametrize("out_features,in_features,batch", [(512, 4096, 20), (1000, 8192, 64), (384, 2048, 100),
+                                                            (200, 4096, 300)])
+def test_warp_specialized_gemm_splits_k_in_clusters(monkeypatch, out_features, in_features, batch):
+    """A single wave that splits k 2-8 ways runs in clusters of that many blocks, which add up each
+    other's sums in shared memory: the workspace stays untouched (FP4_CUDA_WS_CLUSTER=0 sums through
+    it), every call gives the same bits, and they are right. Batch tiles of 32, 64, 128 and 256 rows
+    split 4, 8, 2 and 4 ways; partial last tiles of features and of batch rows; bias."""
+    from fp4._torch import dlpack_of, stream_of
+    layer = _layer(out_features, in_features, torch.bfloat16)
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    x = torch.randn(batch, in_features, device="cuda", dtype=torch.bfloat16)
+
+    def call():
+        y = torch.full((batch, out_features), float("nan"), device="cuda", dtype=x.dtype)
+        workspace = torch.full((_C.gemm_4bit_workspace_size(batch, out_features) // 4,), float("nan"), device="cuda")
+        _C.gemm_prepared(dlpack_of(x), args.prepared, dlpack_of(layer.bias), dlpack_of(y), dlpack_of(workspace),
+                         stream_of(x))
+        return y, workspace
+
+    clustered, workspace = call()
+    assert torch.isnan(workspace).all()
+    for _ in range(20):
+        assert torch.equal(call()[0], clustered)
+    monkeypatch.setenv("FP4_CUDA_WS_CLUSTER", "0")
+    through_workspace, workspace = call()
+    assert not torch.isnan(workspace).all()
+    scale = clustered.float().abs().max().item()
+    assert (through_workspace.float() - clustered.float()).abs().max().item() <= 1e-2 * scale
+    monkeypatch.delenv("FP4_CUDA_WS_CLUSTER")
+    _check(layer, x, "gemm")
+
+
 def test_first_gemm_of_a_process_inside_a_cuda_graph_capture():
     """The first GEMM call of a process decides whether the Hopper kernel runs (on sm_90 with a
     probe launch); made inside a CUDA-graph capture it must neither break the capture nor compute
