@@ -142,7 +142,11 @@ int max_active_clusters(int device, unsigned cluster, unsigned threads, size_t s
     config.attrs = &attribute;
     config.numAttrs = 1;
     int clusters = 0;
-    check(cudaOccupancyMaxActiveClusters(&clusters, kKernel, &config), "cudaOccupancyMaxActiveClusters");
+    // (a device or setup that cannot say runs no clusters: the caller's other path, not an error)
+    if (cudaOccupancyMaxActiveClusters(&clusters, kKernel, &config) != cudaSuccess) {
+      clusters = 0;
+      (void)cudaGetLastError();
+    }
     cached[device][cluster].store(clusters > 0 ? clusters : -1);
   }
   return std::max(cached[device][cluster].load(), 0);
