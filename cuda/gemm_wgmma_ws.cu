@@ -696,17 +696,17 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
             int64_t n, int blocksize_log2, const Code16& code, const T* bias, T* y, float* workspace) {
   using C = WsConfig<BN, kAtoms, kGroupedScales>;
   constexpr auto kernel = gemm_wgmma_ws_kernel<T, BN, kAtoms, kNested, kGroupedScales>;
-  allow_dynamic_smem<kernel>(exec.device_index, C::kSmemBytes);
+  const int device = exec.device_index;
+  allow_dynamic_smem<kernel>(device, C::kSmemBytes);
   // (the kernel takes a tile's stages in pairs, one per fragment buffer)
   if (k % (2 * C::kStageK) != 0) fail(FP4_ERROR_INTERNAL, "gemm_4bit warp-specialized kernel: k % (2 stages) != 0");
-  WsWork work = ws_work<C>(m, n, k, exec.device_index);
+  WsWork work = ws_work<C>(m, n, k, device);
   // Clusters only where all of them run at once (the H100 holds 30 of 4 blocks of this kernel, 15 of
   // 8): else the sums go through the workspace. Fewer splits, so that the clusters fit, lost more
   // than the workspace costs ((4096, 14336) batch 64: 3 splits in clusters 27.3 us, 4 through the
   // workspace 24.2).
   if (work.cluster_splits > 1 &&
-      max_active_clusters<kernel>(exec.device_index, unsigned(work.cluster_splits), C::kThreads, C::kSmemBytes) <
-          work.tiles)
+      max_active_clusters<kernel>(device, unsigned(work.cluster_splits), C::kThreads, C::kSmemBytes) < work.tiles)
     work.cluster_splits = 0;
   const int cluster = std::max(work.cluster_splits, 1);
   const CUtensorMap x_map = activation_map(x, std::is_same_v<T, __half> ? FP4_FLOAT16 : FP4_BFLOAT16, m, k, BN);
@@ -715,7 +715,6 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
   const CUtensorMap w_map =
       tma::map_2d(packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, k / 2, n, k / 2, C::kRowBytes, C::kTileRows,
                   C::kRowBytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_32B, "packed");
-  const int device = exec.device_index;
   cudaStream_t stream = stream_of(exec);
   // (tiles + batch_tiles tiles of sums fit the workspace: gemm_4bit_wgmma_ws_sums_bytes)
   const int64_t shared_tiles = cluster > 1 ? 0 : work.shared_tiles();
