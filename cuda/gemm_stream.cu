@@ -524,6 +524,11 @@ inline int finish_threads(int64_t finish_blocks, int stream_blocks, bool beside_
              : kStreamMaxTileRows;
 }
 
+// The stream kernels' grid for `total` units: one block per SM, at most one per unit.
+inline int stream_blocks(int device, int64_t total) {
+  return int(std::min<int64_t>({sm_count(device), total, kStreamMaxBlocks}));
+}
+
 // Runs launch(ranges, out) (the stream kernel over `total` units, one block per SM) and then
 // finish_stream_kernel, both as dependent launches; the slots live in `workspace`. fed_batch8: the
 // stream kernel is the fed one at batch <= 8 (whole tiles first; finish_threads).
@@ -531,7 +536,7 @@ template <typename T, typename Launch>
 void launch_with_finish(const fp4_exec& exec, int64_t total, int64_t stages_per_tile, int tile_rows, int64_t m,
                         int64_t n, const T* bias, T* y, float* workspace, bool fed_batch8, Launch&& launch) {
   const int device = exec.device_index;
-  StreamRanges ranges{total, stages_per_tile, int(std::min<int64_t>({sm_count(device), total, kStreamMaxBlocks})), 0};
+  StreamRanges ranges{total, stages_per_tile, stream_blocks(device, total), 0};
   const int64_t tiles = total / stages_per_tile;
   if (fed_batch8) ranges.whole = whole_tiles_first(tiles, stages_per_tile, ranges.blocks);
   launch(ranges, StreamOutput<T>{y, bias, workspace});
@@ -576,7 +581,7 @@ void launch_stream(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const
 // 18.8 the one loss). FULL[slot][part] completes with the box's bytes and the 32 producer lanes'
 // copies, EMPTY[slot] when the 12 consumer warps' threads are done with the slot. 12 consumer warps
 // rather than 16: 13 warps keep 128 registers per thread (17 would leave 96).
-template <int NT>
+template <int NT, bool kShortRing = false>
 struct FedConfig {
   static constexpr int kWarps = 12, kThreads = (kWarps + 1) * 32;  // + the producer warp
   static constexpr int kRows = 16, kTileRows = kWarps * kRows;
@@ -602,7 +607,8 @@ struct FedConfig {
     while (smem_bytes(stages) > 227 * 1024) --stages;
     return stages;
   }
-  static constexpr int kStages = most_stages();  // 5 at batch <= 8, 4 at 9-16
+  // 5 at batch <= 8, 4 at 9-16; one fewer for short ranges (kShortRing: launch_fed)
+  static constexpr int kStages = most_stages() - (kShortRing ? 1 : 0);
   static constexpr size_t kSmemBytes = smem_bytes(kStages), kTableOffset = table_offset(kStages);
   static_assert(kWarps % 4 == 0, "parts of 4 warps");
   static_assert(kSmemBytes <= 227 * 1024, "one block per SM");
@@ -622,12 +628,12 @@ struct FedConfig {
 // 1 20.5 -> 19.1, with 4-warp finish blocks where they pay). Whole-first on (28672, 8192), bf16 nf4,
 // against the build before it (two alternating processes, us): batch 1 52.4, 51.8 -> 50.7, 50.5; 4
 // 55.2, 54.5 -> 51.6, 51.5; 8 57.4, 56.8 -> 52.9, 52.5.
-template <typename T, int NT, bool kNested, bool kWholeFirst>
+template <typename T, int NT, bool kNested, bool kWholeFirst, bool kShortRing>
 __global__ void __launch_bounds__(FedConfig<NT>::kThreads, 1) FP4_MAX_REGISTERS(NT == 1 ? 112 : 128)
     gemm_stream_fed_kernel(const __grid_constant__ CUtensorMap w_map, const T* __restrict__ x, int64_t m, int64_t k,
                            const uint8_t* __restrict__ packed, fp4_scales scales, int nested_log2, int64_t n,
                            Code16 code, StreamRanges ranges, StreamOutput<T> out) {
-  using C = FedConfig<NT>;
+  using C = FedConfig<NT, kShortRing>;
   constexpr int S = C::kStages;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* const ring = smem_raw;
@@ -809,12 +815,12 @@ bool fed_window_as_assumed(int device) {
   return device_attribute<cudaDevAttrReservedSharedMemoryPerBlock>(device, 0) == int(FedConfig<1>::kWindowStart);
 }
 
-template <typename T, int NT, bool kNested>
-void launch_fed(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed,
-                const fp4_scales& scales, int64_t n, const Code16& code, const T* bias, T* y, float* workspace) {
-  using C = FedConfig<NT>;
-  constexpr auto kernel = gemm_stream_fed_kernel<T, NT, kNested, false>;
-  constexpr auto kernel_whole_first = gemm_stream_fed_kernel<T, NT, kNested, NT == 1>;  // (batch <= 8 only)
+template <typename T, int NT, bool kNested, bool kShortRing>
+void launch_fed_ring(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed,
+                     const fp4_scales& scales, int64_t n, const Code16& code, const T* bias, T* y, float* workspace) {
+  using C = FedConfig<NT, kShortRing>;
+  constexpr auto kernel = gemm_stream_fed_kernel<T, NT, kNested, false, kShortRing>;
+  constexpr auto kernel_whole_first = gemm_stream_fed_kernel<T, NT, kNested, NT == 1, kShortRing>;  // (batch <= 8 only)
   const int device = exec.device_index;
   allow_dynamic_smem<kernel>(device, C::kSmemBytes);
   allow_dynamic_smem<kernel_whole_first>(device, C::kSmemBytes);
@@ -829,6 +835,29 @@ void launch_fed(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const ui
                                         C::kThreads, C::kSmemBytes, stream_of(exec), "gemm_4bit fed stream kernel",
                                         w_map, x, m, k, packed, scales, nested_shift(scales), n, code, ranges, out);
                      });
+}
+
+// Blocks whose ranges hold few units run on a ring one stage short: fewer copies in flight at the
+// start, when every block asks for its first stages at once. H100, bf16 nf4, same process, us, full
+// / short ring, batch 1 / 4 / 8 (5 stages or 4), units per block in brackets: (11008, 4096) [7] 14.3
+// / 13.8, 15.2 / 14.3, 16.2 / 15.6; (14336, 4096) [9] 16.4 / 16.0, 18.4 / 17.9, 18.7 / 18.0; (4096,
+// 14336) [9] 16.6 / 16.0, 17.0 / 16.3, 18.1 / 17.5; (8192, 8192) [10] 18.0 / 17.6, 18.7 / 18.4, 19.8
+// / 19.2; (16384, 8192) [21] 33.0 / 31.8, 34.2 / 33.4, 35.7 / 34.0; (28672, 8192) [36] 50.9 / 50.9,
+// 52.0 / 52.1, 53.1 / 53.2. Batch 16 (4 stages or 3): [7] 19.3 / 18.0, [9] 22.8 / 22.2 and 21.6 /
+// 21.2, [10] 22.9 / 22.6, but [21] 38.0 / 38.5, [36] 60.1 / 61.4. Two stages short at batch <= 8
+// lost 2-3% on (28672, 8192). FP4_CUDA_FED_SHORT=1 / 0 forces the short / full ring (tests).
+template <int NT>
+constexpr int64_t kShortRingUnits = NT == 1 ? 32 : 16;  // (units per block, at most)
+
+template <typename T, int NT, bool kNested>
+void launch_fed(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed,
+                const fp4_scales& scales, int64_t n, const Code16& code, const T* bias, T* y, float* workspace) {
+  const int64_t units = (n + FedConfig<NT>::kTileRows - 1) / FedConfig<NT>::kTileRows * (k / 256);
+  const int setting = switch_setting("FP4_CUDA_FED_SHORT");
+  if (setting == 1 || (setting != 0 && units <= kShortRingUnits<NT> * stream_blocks(exec.device_index, units)))
+    launch_fed_ring<T, NT, kNested, true>(exec, x, m, k, packed, scales, n, code, bias, y, workspace);
+  else
+    launch_fed_ring<T, NT, kNested, false>(exec, x, m, k, packed, scales, n, code, bias, y, workspace);
 }
 }  // namespace
 

@@ -1,6 +1,7 @@
 """Every CUDA kernel behind the 4-bit linear op, forced one at a time, against the
 dequantize-then-matmul reference: random shapes, batches, formats, nested statistics and dtypes."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -256,24 +257,26 @@ def test_gemm_stream_ranges_cross_tiles(batch, double_quant, in_features):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
 @pytest.mark.parametrize("batch", [1, 5, 9, 16])
-@pytest.mark.parametrize("fed", ["1", "0"], ids=["fed", "stream"])
-def test_gemm_stream_forms_match_reference(monkeypatch, fed, batch, double_quant, dtype):
+@pytest.mark.parametrize("fed,ring", [("1", ""), ("1", "0"), ("0", "")], ids=["fed", "fed-full-ring", "stream"])
+def test_gemm_stream_forms_match_reference(monkeypatch, fed, ring, batch, double_quant, dtype):
     """Both forms of the stream kernel at blocksize 64 (scales through the ring): the producer-fed
     one (sm_90a, by default wherever it can run) and the original (every other device), forced by
     FP4_CUDA_STREAM_FED=1 / 0: 8208 features end in a partial tile (192 rows fed, 256 not; at batch
     <= 8 the fed form copies no scales for its rows past 8208), and 1280 columns are 5 whole stages,
     so block ranges start and end inside tiles; the fed form copies the activations into its ring at
-    every batch, the original at 9-16."""
+    every batch, the original at 9-16. The fed form runs these few units per block on a ring one stage
+    short; FP4_CUDA_FED_SHORT=0 forces the full ring of larger weights."""
     if fed == "1" and not WGMMA:
         pytest.skip("the fed form needs an sm_90 GPU and a library built for sm_90a")
     monkeypatch.setenv("FP4_CUDA_STREAM_FED", fed)
+    monkeypatch.setenv("FP4_CUDA_FED_SHORT", ring)
     layer = _layer(8208, 1280, dtype, "nf4", double_quant)
     _check(layer, torch.randn(batch, 1280, device="cuda", dtype=dtype), "gemm")
 
 
 @pytest.mark.parametrize("batch", [1, 12])
-@pytest.mark.parametrize("fed", ["0", "1"], ids=["stream", "fed"])
-def test_stream_kernels_store_whole_tiles_and_add_up_split_ones(monkeypatch, fed, batch):
+@pytest.mark.parametrize("fed,ring", [("0", ""), ("1", ""), ("1", "0")], ids=["stream", "fed", "fed-full-ring"])
+def test_stream_kernels_store_whole_tiles_and_add_up_split_ones(monkeypatch, fed, ring, batch):
     """With short rows a block's range holds whole tiles (stored straight to y) between split ones
     (stored to the block's slots and added up by the finish kernel): (51216, 512) is 201 tiles of 256
     rows x 2 stages over <= 132 blocks, the last tile 16 rows; the fed form's 192-row tiles split
@@ -282,6 +285,7 @@ def test_stream_kernels_store_whole_tiles_and_add_up_split_ones(monkeypatch, fed
     if fed == "1" and not WGMMA:
         pytest.skip("the fed form needs an sm_90 GPU and a library built for sm_90a")
     monkeypatch.setenv("FP4_CUDA_STREAM_FED", fed)
+    monkeypatch.setenv("FP4_CUDA_FED_SHORT", ring)
     layer = _layer(51216, 512, torch.bfloat16, "nf4")
     x = torch.randn(batch, 512, device="cuda", dtype=torch.bfloat16)
     _check(layer, x, "gemm")
@@ -306,10 +310,12 @@ def _whole_tiles_first_shapes(tiles_per_block):
 @pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
 @pytest.mark.parametrize("tiles_per_block", [1, 2])
-def test_fed_stream_gives_each_block_whole_tiles_first(tiles_per_block, double_quant):
+@pytest.mark.parametrize("ring", ["", "0"], ids=["short-ring", "full-ring"])
+def test_fed_stream_gives_each_block_whole_tiles_first(monkeypatch, ring, tiles_per_block, double_quant):
     """At batch <= 8 the fed kernel gives each block whole tiles of its own first (stored straight to
     y) and shares only the tiles after them (their sums added up by the finish kernel): right
-    against the reference, and the same bits on every call."""
+    against the reference, and the same bits on every call; on either ring (FP4_CUDA_FED_SHORT)."""
+    monkeypatch.setenv("FP4_CUDA_FED_SHORT", ring)
     for out_features, _ in _whole_tiles_first_shapes(tiles_per_block):
         layer = _layer(out_features, 1024, torch.bfloat16, "nf4", double_quant)
         x = torch.randn(5, 1024, device="cuda", dtype=torch.bfloat16)
@@ -402,6 +408,29 @@ def test_fed_stream_switch_picks_the_kernel(monkeypatch):
         names = _cuda_kernel_names(lambda: ops.linear_4bit_prepared(x, args, kernel="gemm"))
         assert "gemm_stream" in names
         assert ("gemm_stream_fed_kernel" in names) == fed, (blocksize, setting, names)
+
+
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+def test_fed_stream_ring_by_units_per_block(monkeypatch):
+    """The fed kernel runs ranges of few units per block (<= 32 at batch <= 8, <= 16 at 9-16) on a
+    ring one stage short, longer ones on the full ring (its last template argument);
+    FP4_CUDA_FED_SHORT=1 / 0 forces either."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    few = _layer(1536, 8192, torch.bfloat16, bias=False)  # 8 tiles x 32 stages: < 2 units per block
+    many = _layer(192 * (-(-17 * sms // 32)), 8192, torch.bfloat16, bias=False)  # 17-18 units per block
+
+    def short_ring(layer, batch):
+        args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+        x = torch.randn(batch, 8192, device="cuda", dtype=torch.bfloat16)
+        names = _cuda_kernel_names(lambda: ops.linear_4bit_prepared(x, args, kernel="gemm"))
+        kernel_args = re.search(r"gemm_stream_fed_kernel<([^>]*)>", names).group(1)
+        return kernel_args.replace(" ", "").split(",")[-1] == "true"
+
+    assert short_ring(few, 2) and short_ring(few, 12) and short_ring(many, 2) and not short_ring(many, 12)
+    monkeypatch.setenv("FP4_CUDA_FED_SHORT", "0")
+    assert not short_ring(few, 2)
+    monkeypatch.setenv("FP4_CUDA_FED_SHORT", "1")
+    assert short_ring(many, 12)
 
 
 @pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
