@@ -42,6 +42,9 @@
 namespace fp4::cuda {
 namespace {
 
+// The last named barrier (of 16): the consumer warpgroups' own (reduce_in_cluster).
+constexpr int kConsumersBarrier = 15;
+
 // BN 256 for batch > 128, BN 128 for batch 65-128 (a half-empty 256-row tile would multiply zeros),
 // 64 and 32 below; kAtoms 64-column slices of k per stage (2 fit a stage beside BN <= 128 only);
 // kGroupedScales: see the scale ring below.
@@ -96,7 +99,7 @@ struct WsConfig {
   static constexpr size_t kSmemBytes = kFixedBytes + kStages * kPerStage + kScaleSlots * kGroupBytes;
   static_assert(kSmemBytes <= kBudget, "one block per SM");
   static_assert(!kStagingInScaleRing || kStages * kSStageBytes >= kStagingBytes, "the staging rows fit the scale ring");
-  static_assert(1 + kStages <= 16, "named barriers: 0 for __syncthreads, EMPTY per slot");
+  static_assert(1 + kStages < kConsumersBarrier, "named barriers: 0 for __syncthreads, EMPTY per slot, then the consumers'");
 };
 
 // Named barriers between the producer and the consumer warpgroups (all 384 threads take part: the
@@ -310,8 +313,10 @@ __device__ __forceinline__ float4 load_from_block(uint32_t local, uint32_t rank)
                              : "memory"));
   return v;
 }
-// Named barrier of the 256 consumer threads (ids 1-12 are the ring's EMPTY barriers).
-__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 15, 256;" ::: "memory"); }
+// Named barrier of the 256 consumer threads (below it: the ring's EMPTY barriers, WsConfig).
+__device__ __forceinline__ void consumers_sync() {
+  asm volatile("bar.sync %0, 256;" ::"n"(kConsumersBarrier) : "memory");
+}
 
 // The end of a tile split `splits` ways over a cluster (WsWork::cluster_splits; the block of rank
 // r summed the tile's r-th part of k): each block leaves its sums in its ring (`ring`, idle now:

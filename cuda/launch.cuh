@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <utility>
 
 #include "common.cuh"
 
@@ -111,20 +112,19 @@ struct DependentLaunch {
   }
 };
 
-// kernel<<<grid, threads, smem_bytes, stream>>>(args...) as a programmatic dependent of the
-// stream's previous kernel where dependent_launch_enabled; throws naming `what` if it fails.
-template <typename... Params, typename... Args>
-void launch_dependent(int device, void (*kernel)(Params...), dim3 grid, unsigned threads, size_t smem_bytes,
-                      cudaStream_t stream, const char* what, Args&&... args) {
-  DependentLaunch launch(device, grid, threads, smem_bytes, stream);
-  check(cudaLaunchKernelEx(&launch.config, kernel, static_cast<Params>(args)...), what);
-}
-// The same in clusters of `cluster` blocks along x.
+// kernel<<<grid, threads, smem_bytes, stream>>>(args...) in clusters of `cluster` blocks along x (1:
+// none), as a programmatic dependent of the stream's previous kernel where dependent_launch_enabled;
+// throws naming `what` if it fails. launch_dependent: without clusters.
 template <typename... Params, typename... Args>
 void launch_dependent_clusters(int device, unsigned cluster, void (*kernel)(Params...), dim3 grid, unsigned threads,
                                size_t smem_bytes, cudaStream_t stream, const char* what, Args&&... args) {
   DependentLaunch launch(device, grid, threads, smem_bytes, stream, cluster);
   check(cudaLaunchKernelEx(&launch.config, kernel, static_cast<Params>(args)...), what);
+}
+template <typename... Params, typename... Args>
+void launch_dependent(int device, void (*kernel)(Params...), dim3 grid, unsigned threads, size_t smem_bytes,
+                      cudaStream_t stream, const char* what, Args&&... args) {
+  launch_dependent_clusters(device, 1, kernel, grid, threads, smem_bytes, stream, what, std::forward<Args>(args)...);
 }
 
 // How many clusters of `cluster` blocks of kKernel (threads, smem_bytes) `device` runs at once,
