@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import fp4
-from fp4.cli.bench import _cpu_time, _gpu_time, copies_beyond_l2, parse_shapes
+from fp4.cli.args import shapes
+from fp4.cli.bench import _cpu_time, _gpu_time, copies_beyond_l2
 
 
 def add_layer_arguments(parser, batches, rounds, rounds_help):
@@ -29,7 +30,7 @@ def device_and_timer():
 
 
 def shapes_and_batches(args):
-    return parse_shapes(args.shapes), [int(b) for b in args.batches.split(",")]
+    return shapes(args.shapes), [int(b) for b in args.batches.split(",")]
 
 
 def seeded_layers(out_features, in_features, device, args):

@@ -24,7 +24,6 @@ from torch import nn
 
 import fp4
 from fp4 import ops
-from fp4.cli.args import shapes
 
 L2_BYTES = 50 * 2**20
 PEAK_COPY_BW = 3.0e12  # bytes/s, measured device-to-device copy on the H100 (KERNELS.md)
@@ -35,11 +34,6 @@ PEAK_COPY_BW = 3.0e12  # bytes/s, measured device-to-device copy on the H100 (KE
 # 44.3 -> 41.9. More rounds than that only lengthen the sustained load under which the H100's clocks
 # fall (perf log).
 MIN_REPLAY_US = 600.0
-
-
-def parse_shapes(text):
-    """'4096x4096,14336x4096' -> [(4096, 4096), (14336, 4096)] (see fp4.cli.args.shapes)."""
-    return shapes(text)
 
 
 def weight_bytes_4bit(out_features, in_features):
