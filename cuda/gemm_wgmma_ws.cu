@@ -174,10 +174,24 @@ struct FastDivisor {
 // process, us, through the workspace / in clusters: (3072, 4096) batch 17 10.5 / 8.9, 64 12.3 /
 // 10.1, 256 23.2 / 18.6; (2048, 4096) 64 10.4 / 9.7, 256 21.4 / 17.3; (1024, 8192) (8 ways) 64
 // 9.9 / 10.1, 256 18.9 / 18.2.
+//
+// Where the GPU cannot hold all of a call's clusters at once (the H100 holds 30 of 4 blocks: every
+// (4096, k) weight has 32 tiles), the call runs as two kernels (split_off_rest): kClusters, the
+// clusters that fit, and beside them, on the SMs they leave, kRest, the other tiles shared by
+// those SMs' blocks, which finish them in-kernel: each block stores its sums of a tile to its slot
+// (in_slots) and counts itself in at the tile's counter; the last to count adds the slots in block
+// order (the same bits every call) and stores y. kClusters zeroes the counters and lets kRest
+// launch only after its own wait for the kernel before it, so kRest need not wait at its start (its
+// launch implies that kernel's completion); kRest waits at its end, so that its completion implies
+// kClusters' (launch.cuh).
 struct WsWork {
+  enum Part : int { kAll, kClusters, kRest };
   int64_t tile_stages, batch_tiles, tiles, whole_tiles, shared_pairs, shared_blocks, walkers;
   bool in_slots;
   int cluster_splits;
+  int part;              // (kAll unless split_off_rest split the call)
+  int rest_tiles;        // kClusters, kRest: the tiles kRest takes (its shared tiles)
+  unsigned* counters;    // kClusters, kRest: one per rest tile, after kRest's slots in the workspace
   // (for the kernel's stage walk, all counts < 2^31: ws_work)
   FastDivisor by_tile_stages, by_batch_tiles, by_shared_blocks;
 
@@ -318,6 +332,57 @@ __device__ __forceinline__ void consumers_sync() {
   asm volatile("bar.sync %0, 256;" ::"n"(kConsumersBarrier) : "memory");
 }
 
+// Where warp w of consumer thread c's warpgroup holds rows of a tile: rows warp_row + [0, 16).
+__device__ __forceinline__ int consumer_warp_row(int consumer) { return 64 * (consumer / 128) + 16 * ((consumer / 32) % 4); }
+
+// kRest's blocks finish their shared tiles together (WsWork): each counts itself in at tile s's
+// counter once its sums are in its slot (put_tile_sums; the thread fences order the slot stores
+// before the count), then, at its end, waits until all of the tile's blocks have counted in and adds
+// its share of the tile's float4s q over their slots in block order (as finish_shared_tiles: the
+// same bits every call; shares as reduce_in_cluster's) and stores them with the bias to y. Waiting
+// only at the end keeps a block whose run goes on into the next tile from stalling; it cannot hang:
+// kRest's blocks wait only on each other, and any that are not yet resident get the SMs of the
+// clusters, which wait on nothing of kRest's. (One block adding all of a tile's slots took 1.6 us at
+// batch 17 and 12 us at 256 on (4096, 14336): a chain of dependent loads, and 768 KB through one SM.)
+__device__ __forceinline__ void count_in(const WsWork& work, int64_t s, int consumer) {
+  __threadfence();
+  consumers_sync();
+  if (consumer == 0) atomicAdd(work.counters + s, 1u);
+}
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+  unsigned value;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(value) : "l"(p) : "memory");
+  return value;
+}
+template <typename T, int BN>
+__device__ __forceinline__ void finish_share(const float* sums, const WsWork& work, int64_t s, int64_t block,
+                                             int consumer, int64_t m, int64_t n, const T* bias, T* y) {
+  constexpr int64_t kTileSums = 128 * BN;
+  constexpr int kSlotsInFlight = 8;
+  const int64_t pairs = work.tile_stages / 2, tile = work.whole_tiles + s;
+  const int64_t first = work.block_of_pair(s * pairs), last = work.block_of_pair((s + 1) * pairs - 1);
+  const int contributors = int(last - first + 1), rank = int(block - first);
+  if (consumer == 0)
+    while (load_acquire(work.counters + s) < unsigned(contributors)) __nanosleep(64);
+  consumers_sync();
+  __threadfence();
+  const float4* const slots = reinterpret_cast<const float4*>(sums) + (first + s) * (kTileSums / 4) + consumer;
+  const int64_t row0 = tile / work.batch_tiles * 128 + consumer_warp_row(consumer), batch0 = tile % work.batch_tiles * BN;
+  for (int q = rank * (BN / 8) / contributors; q < (rank + 1) * (BN / 8) / contributors && batch0 + 8 * q < m; ++q) {
+    float total[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int j0 = 0; j0 < contributors; j0 += kSlotsInFlight) {
+      float4 v[kSlotsInFlight];
+#pragma unroll
+      for (int j = 0; j < kSlotsInFlight; ++j)
+        if (j0 + j < contributors) v[j] = __ldcg(slots + (j0 + j) * (kTileSums / 4) + q * 256);
+#pragma unroll
+      for (int j = 0; j < kSlotsInFlight; ++j)
+        if (j0 + j < contributors) total[0] += v[j].x, total[1] += v[j].y, total[2] += v[j].z, total[3] += v[j].w;
+    }
+    wgmma::store_accumulators(total, row0, batch0 + 8 * q, m, n, bias, y, nullptr);
+  }
+}
+
 // The end of a tile split `splits` ways over a cluster (WsWork::cluster_splits; the block of rank
 // r summed the tile's r-th part of k): each block leaves its sums in its ring (`ring`, idle now:
 // float4 q of consumer c at q * 256 + c), then block r adds the float4s q in [r Q / splits, (r + 1)
@@ -348,9 +413,6 @@ __device__ __forceinline__ void reduce_in_cluster(const float (&acc)[BN / 2], ui
   cluster_sync();
 }
 
-// Where warp w of consumer thread c's warpgroup holds rows of a tile: rows warp_row + [0, 16).
-__device__ __forceinline__ int consumer_warp_row(int consumer) { return 64 * (consumer / 128) + 16 * ((consumer / 32) % 4); }
-
 template <typename T, int BN, int kAtoms, bool kNested, bool kGroupedScales>
 __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads, 1)
     gemm_wgmma_ws_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
@@ -373,7 +435,8 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
   float* const codes = reinterpret_cast<float*>(table + C::kTableBytes + (C::kStagingInScaleRing ? 0 : C::kStagingBytes));
   uint64_t* const x_arrived = reinterpret_cast<uint64_t*>(codes + kCodeBytes / sizeof(float));  // [slot]
   uint64_t* const w_arrived = x_arrived + S;                                                      // [slot]
-  allow_successor();
+  const bool rest = work.part == WsWork::kRest;  // (no wait at its start, one at its end: WsWork)
+  if (work.part != WsWork::kClusters) allow_successor();
   int64_t stage_begin, stage_end;  // (numbered across tiles: WsWork)
   work.stages_of(blockIdx.x, stage_begin, stage_end);
   const int stages = int(stage_end - stage_begin);
@@ -385,11 +448,19 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
     for (int s = 0; s < S; ++s) tma::mbarrier_init(x_arrived + s, 1), tma::mbarrier_init(w_arrived + s, C::kProducers);
     tma::fence_barrier_init();
   }
-  if constexpr (kNested) wait_for_predecessor();
+  if (kNested && !rest) wait_for_predecessor();
   build_pair_table<T, 128, kNested>(table, codes, code, scales);  // (its barrier orders the inits)
-  if constexpr (!kNested) wait_for_predecessor();
-  __syncthreads();  // the pair table
-  if (stages <= 0) return;  // (block-uniform)
+  if (!kNested && !rest) wait_for_predecessor();
+  if (work.part == WsWork::kClusters && blockIdx.x == 0) {
+    for (int i = threadIdx.x; i < work.rest_tiles; i += blockDim.x) work.counters[i] = 0;
+    __threadfence();
+  }
+  __syncthreads();  // the pair table (and the counters zeroed, before any block lets kRest launch)
+  if (work.part == WsWork::kClusters) allow_successor();
+  if (stages <= 0) {  // (block-uniform)
+    if (rest) wait_for_predecessor();
+    return;
+  }
   constexpr int kEmpty = 1;  // named barrier id of slot 0's EMPTY
   const bool walker = blockIdx.x < work.walkers;  // (it jumps to its next tile: WsWork)
 
@@ -460,6 +531,7 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
     cp_async_commit();  // (this thread's copies land before it exits)
     cp_async_wait<0>();
     if (work.cluster_splits > 1) cluster_sync(), cluster_sync();  // (reduce_in_cluster's two)
+    if (rest) wait_for_predecessor();
     return;
   }
 
@@ -592,6 +664,14 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
       put_tile_sums<false>(sums + (shared_block + shared_tile) * kTileSums, acc, consumer, batch0, m);
     else
       put_tile_sums<true>(sums + shared_tile * kTileSums, acc, consumer, batch0, m);
+    if (rest) count_in(work, shared_tile, consumer);
+  }
+  if (rest) {
+    // (a block's run spans at most two tiles: split_off_rest gives each tile >= 1 block)
+    const int64_t block = blockIdx.x, first = stage_begin / work.tile_stages - work.whole_tiles;
+    const int64_t last = (stage_end - 1) / work.tile_stages - work.whole_tiles;
+    for (int64_t s = first; s <= last; ++s) finish_share<T, BN>(sums, work, s, block, consumer, m, n, bias, y);
+    wait_for_predecessor();
   }
 }
 
@@ -696,6 +776,47 @@ WsWork ws_work(int64_t m, int64_t n, int64_t k, int device) {
   return work;
 }
 
+// Splits a single wave whose clusters do not all fit at once (`fit` do) into kClusters, its first
+// `fit` tiles in clusters as before, and kRest (returned), the other tiles shared by as many blocks
+// as the clusters leave SMs (WsWork). Returns a work of part kAll where the split does not pay:
+// without dependent launch kRest would run after the clusters; it must have blocks enough (SMs and
+// workspace slots) that none takes more stages than a cluster's block; and a cluster block's work
+// (k / splits x BN) must outweigh kRest's later start and its wait for its tiles' blocks: more than
+// kRestMinWork at 4 splits, twice that at 8 (clusters of 8 barely beat the workspace on their own).
+// H100, bf16 nf4, same process, us, through the workspace / split (FP4_CUDA_WS_REST=0,1; the work
+// in 2^16): (4096, 14336) batch 17 (1.75) 22.7 / 21.0, 64 25.5 / 23.2, 128 33.3 / 30.4, 256 54.5 /
+// 47.2; (4096, 11008) 17 (1.3) 19.7 / 18.6, 256 45.2 / 38.3; (4096, 4096) 17 (0.5) 11.9 / 12.3, 64 (1)
+// 13.5 / 14.2, 128 (2) 17.9 / 17.0, 256 27.5 / 22.4; 8 splits: (2048, 8192) 64 (1) 13.5 / 14.3, 128 (2)
+// 17.2 / 17.7, 256 (4) 26.5 / 22.4; (2048, 14336) 64 (1.75) 17.2 / 16.9, 128 21.8 / 20.4, 256 34.0 / 28.4.
+// FP4_CUDA_WS_REST=0 never splits (the sums then go through the workspace, as before), =1 always
+// does where it can (tests).
+constexpr int64_t kRestMinWork = int64_t(1) << 16;
+template <typename C>
+WsWork split_off_rest(WsWork& clusters, int64_t fit, int64_t capacity, bool dependent, float* workspace) {
+  WsWork rest = clusters;
+  rest.part = WsWork::kAll;
+  const int64_t splits = clusters.cluster_splits, rest_tiles = clusters.tiles - fit;
+  const int setting = switch_setting("FP4_CUDA_WS_REST");
+  const bool pays = clusters.tile_stages * C::kStageK / splits * C::kBatchRows > (splits > 4 ? 2 : 1) * kRestMinWork;
+  if (fit < 1 || !dependent || setting == 0 || (!pays && setting != 1)) return rest;
+  rest.whole_tiles = fit, rest.walkers = 0, rest.cluster_splits = 0, rest.in_slots = true;
+  rest.shared_pairs = rest_tiles * clusters.tile_stages / 2;
+  // (slots j + s for block j and tile s, then one tile of sums for the counters: all in the
+  // workspace's tiles + batch_tiles)
+  rest.shared_blocks = std::min({rest.shared_pairs, capacity - fit * splits,
+                                 clusters.tiles + clusters.batch_tiles - rest_tiles - 1});
+  if (rest.shared_blocks < rest_tiles * splits) return rest;
+  rest.part = WsWork::kRest;
+  rest.rest_tiles = int(rest_tiles);
+  rest.by_shared_blocks = FastDivisor::of(rest.shared_blocks);
+  rest.counters = reinterpret_cast<unsigned*>(workspace + (rest.shared_blocks + rest_tiles) * C::kTileRows * C::kBatchRows);
+  clusters.part = WsWork::kClusters;
+  clusters.tiles = fit, clusters.shared_pairs = fit * clusters.tile_stages / 2, clusters.shared_blocks = fit * splits;
+  clusters.by_shared_blocks = FastDivisor::of(clusters.shared_blocks);
+  clusters.rest_tiles = rest.rest_tiles, clusters.counters = rest.counters;
+  return rest;
+}
+
 template <typename T, int BN, int kAtoms, bool kNested, bool kGroupedScales>
 void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales,
             int64_t n, int blocksize_log2, const Code16& code, const T* bias, T* y, float* workspace) {
@@ -705,14 +826,21 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
   allow_dynamic_smem<kernel>(device, C::kSmemBytes);
   // (the kernel takes a tile's stages in pairs, one per fragment buffer)
   if (k % (2 * C::kStageK) != 0) fail(FP4_ERROR_INTERNAL, "gemm_4bit warp-specialized kernel: k % (2 stages) != 0");
-  WsWork work = ws_work<C>(m, n, k, device);
-  // Clusters only where all of them run at once (the H100 holds 30 of 4 blocks of this kernel, 15 of
-  // 8): else the sums go through the workspace. Fewer splits, so that the clusters fit, lost more
-  // than the workspace costs ((4096, 14336) batch 64: 3 splits in clusters 27.3 us, 4 through the
-  // workspace 24.2).
-  if (work.cluster_splits > 1 &&
-      max_active_clusters<kernel>(device, unsigned(work.cluster_splits), C::kThreads, C::kSmemBytes) < work.tiles)
-    work.cluster_splits = 0;
+  WsWork work = ws_work<C>(m, n, k, device), rest{};
+  // Clusters where all of them run at once (the H100 holds 30 of 4 blocks of this kernel, 15 of 8),
+  // else those that do beside a kernel for the rest (split_off_rest), else none: the sums go through
+  // the workspace. Fewer splits, so that the clusters fit, lost more than the workspace costs
+  // ((4096, 14336) batch 64: 3 splits in clusters 27.3 us, 4 through the workspace 24.2).
+  // FP4_CUDA_WS_CLUSTERS_FIT=d: as if at most d clusters fit (tests).
+  if (work.cluster_splits > 1) {
+    int64_t fit = max_active_clusters<kernel>(device, unsigned(work.cluster_splits), C::kThreads, C::kSmemBytes);
+    const int fit_cap = switch_setting("FP4_CUDA_WS_CLUSTERS_FIT");
+    if (fit_cap >= 0) fit = std::min<int64_t>(fit, fit_cap);
+    if (fit < work.tiles) {
+      rest = split_off_rest<C>(work, fit, sm_count(device), dependent_launch_enabled(device), workspace);
+      if (rest.part != WsWork::kRest) work.cluster_splits = 0;
+    }
+  }
   const int cluster = std::max(work.cluster_splits, 1);
   const CUtensorMap x_map = activation_map(x, std::is_same_v<T, __half> ? FP4_FLOAT16 : FP4_BFLOAT16, m, k, BN);
   // (boxes of a stage's kRowBytes x the tile's rows in the swizzle of that span: weight_piece; every
@@ -737,6 +865,11 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
                             C::kSmemBytes, stream, "gemm_4bit warp-specialized wgmma kernel", x_map, w_map, m, k,
                             packed, scales, nested_shift(scales), n, blocksize_log2, code, work, bias, y, y_in_pieces,
                             workspace);
+  if (rest.part == WsWork::kRest)
+    launch_dependent(device, kernel, dim3(unsigned(rest.blocks())), C::kThreads, C::kSmemBytes, stream,
+                     "gemm_4bit warp-specialized wgmma kernel (the tiles beside the clusters)", x_map, w_map, m, k,
+                     packed, scales, nested_shift(scales), n, blocksize_log2, code, rest, bias, y, y_in_pieces,
+                     workspace);
   if (shared_tiles > 0)
     launch_dependent(device, finish_shared_tiles<T, BN>, dim3(unsigned(shared_tiles), BN / 8), 256, 0, stream,
                      "gemm_4bit warp-specialized finish kernel", workspace, work, m, n, bias, y);

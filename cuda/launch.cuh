@@ -15,6 +15,10 @@
 //  - call wait_for_predecessor in every block (a kernel's completion then implies its predecessor's,
 //    which keeps the chain transitive for the kernel after it);
 //  - allow_successor may come any time: the successor's blocks then only wait.
+// One exception, two kernels of one call that run side by side (gemm_wgmma_ws.cu's kClusters and
+// kRest): the first calls allow_successor only after its wait, so the second's launch implies the
+// kernel before the first has completed, and the second waits at its end instead of its start (it
+// would otherwise wait for the first to complete): its completion still implies the first's.
 #pragma once
 
 #include <algorithm>

@@ -186,6 +186,98 @@ def test_warp_specialized_gemm_splits_k_in_clusters(monkeypatch, out_features, i
     _check(layer, x, "gemm")
 
 
+# (out_features, in_features, batch, clusters that fit or None for the GPU's own count, dtype, nested):
+# 8 tiles split 4 ways with 7 clusters (the rest: 1 tile on 7 blocks); 2 x 2 tiles of 256 batch rows
+# split 4 ways with 3 (the rest: a partial tile of features and of batch rows); the issue's (4096,
+# 14336), whose 32 clusters of 4 the H100 does not hold at once.
+_CLUSTERS_AND_REST = [(1024, 4096, 64, 7, torch.bfloat16, False), (1024, 4096, 40, 7, torch.float16, True),
+                      (200, 4096, 300, 3, torch.bfloat16, False), (4096, 14336, 64, None, torch.bfloat16, False)]
+
+
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+@pytest.mark.parametrize("out_features,in_features,batch,fit,dtype,nested", _CLUSTERS_AND_REST)
+def test_warp_specialized_gemm_runs_the_rest_beside_the_clusters(monkeypatch, out_features, in_features, batch, fit,
+                                                                 dtype, nested):
+    """Where not all of a single wave's clusters fit at once, those that do run beside a kernel for
+    the other tiles, which finishes them itself: the last of a tile's blocks adds their slots in
+    block order. Every output lands (y poisoned), every call gives the same bits (counters zeroed by
+    each call's clusters: calls in a row and CUDA-graph replays), and they are right, close to the
+    workspace path's (FP4_CUDA_WS_REST=0). (FP4_CUDA_WS_REST=1: the split also where a block's work
+    is below the measured gain, as at batch 33-64 on k = 4096.)"""
+    from fp4._torch import dlpack_of, stream_of
+    monkeypatch.setenv("FP4_CUDA_WS_REST", "1")
+    if fit is not None:
+        monkeypatch.setenv("FP4_CUDA_WS_CLUSTERS_FIT", str(fit))
+    layer = _layer(out_features, in_features, dtype, double_quant=nested)
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    x = torch.randn(batch, in_features, device="cuda", dtype=dtype)
+    workspace = torch.full((_C.gemm_4bit_workspace_size(batch, out_features) // 4,), float("nan"), device="cuda")
+
+    def call(y):
+        _C.gemm_prepared(dlpack_of(x), args.prepared, dlpack_of(layer.bias), dlpack_of(y), dlpack_of(workspace),
+                         stream_of(x))
+        return y
+
+    def poisoned():
+        return torch.full((batch, out_features), float("nan"), device="cuda", dtype=dtype)
+
+    first = call(poisoned())
+    assert torch.isfinite(first).all()
+    for _ in range(5):
+        assert torch.equal(call(poisoned()), first)
+    ys = [poisoned(), poisoned()]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for y in ys:
+            call(y)
+    for _ in range(3):
+        for y in ys:
+            y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(y, first) for y in ys)
+    monkeypatch.setenv("FP4_CUDA_WS_REST", "0")
+    through_workspace = call(poisoned())
+    scale = first.float().abs().max().item()
+    assert (through_workspace.float() - first.float()).abs().max().item() <= 1e-2 * scale
+    monkeypatch.setenv("FP4_CUDA_WS_REST", "1")
+    _check(layer, x, "gemm")
+
+
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+def test_warp_specialized_gemm_rest_kernel_where_clusters_do_not_fit(monkeypatch):
+    """The split runs two warp-specialized kernels and neither the zeroing nor the finish kernel,
+    where a cluster block's work (k / 4 splits x batch tile) is above 2^16 or FP4_CUDA_WS_REST=1; at
+    or below it, with
+    FP4_CUDA_WS_REST=0, or where the clusters all fit, one kernel (and the workspace's two where they
+    do not). (Test above: kept apart, the profiler sees no kernels under compute-sanitizer.)"""
+    layer = _layer(1024, 4096, torch.bfloat16)
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)  # (k / 4 x 64 = 2^16)
+    wide_x = torch.randn(100, 4096, device="cuda", dtype=torch.bfloat16)  # (k / 4 x 128)
+
+    def launches(x=x):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm")
+            torch.cuda.synchronize()
+        counts = {}
+        for event in profile.key_averages():
+            for name in ("gemm_wgmma_ws_kernel", "zero_sums", "finish_shared_tiles"):
+                if name in event.key:
+                    counts[name] = counts.get(name, 0) + event.count
+        return counts
+
+    through_workspace = {"gemm_wgmma_ws_kernel": 1, "zero_sums": 1, "finish_shared_tiles": 1}
+    assert launches() == {"gemm_wgmma_ws_kernel": 1}  # (all 8 clusters fit)
+    monkeypatch.setenv("FP4_CUDA_WS_CLUSTERS_FIT", "7")
+    assert launches(wide_x) == {"gemm_wgmma_ws_kernel": 2}
+    assert launches() == through_workspace
+    monkeypatch.setenv("FP4_CUDA_WS_REST", "1")
+    assert launches() == {"gemm_wgmma_ws_kernel": 2}
+    monkeypatch.setenv("FP4_CUDA_WS_REST", "0")
+    assert launches(wide_x) == through_workspace
+
+
 def test_first_gemm_of_a_process_inside_a_cuda_graph_capture():
     """The first GEMM call of a process decides whether the Hopper kernel runs (on sm_90 with a
     probe launch); made inside a CUDA-graph capture it must neither break the capture nor compute
