@@ -179,11 +179,11 @@ struct FastDivisor {
 // (4096, k) weight has 32 tiles), the call runs as two kernels (split_off_rest): kClusters, the
 // clusters that fit, and beside them, on the SMs they leave, kRest, the other tiles shared by
 // those SMs' blocks, which finish them in-kernel: each block stores its sums of a tile to its slot
-// (in_slots) and counts itself in at the tile's counter; the last to count adds the slots in block
-// order (the same bits every call) and stores y. kClusters zeroes the counters and lets kRest
-// launch only after its own wait for the kernel before it, so kRest need not wait at its start (its
-// launch implies that kernel's completion); kRest waits at its end, so that its completion implies
-// kClusters' (launch.cuh).
+// (in_slots) and counts itself in at the tile's counter, and at its end adds its share of the tile
+// over the slots in block order (the same bits every call; finish_share). kClusters zeroes the
+// counters and lets kRest launch only after its own wait for the kernel before it, so kRest need
+// not wait at its start (its launch implies that kernel's completion); kRest waits at its end, so
+// that its completion implies kClusters' (launch.cuh).
 struct WsWork {
   enum Part : int { kAll, kClusters, kRest };
   int64_t tile_stages, batch_tiles, tiles, whole_tiles, shared_pairs, shared_blocks, walkers;
@@ -667,7 +667,8 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
     if (rest) count_in(work, shared_tile, consumer);
   }
   if (rest) {
-    // (a block's run spans at most two tiles: split_off_rest gives each tile >= 1 block)
+    // (a block's run spans at most two tiles: split_off_rest gives each tile >= splits blocks, so no
+    // run is longer than a tile)
     const int64_t block = blockIdx.x, first = stage_begin / work.tile_stages - work.whole_tiles;
     const int64_t last = (stage_end - 1) / work.tile_stages - work.whole_tiles;
     for (int64_t s = first; s <= last; ++s) finish_share<T, BN>(sums, work, s, block, consumer, m, n, bias, y);
