@@ -213,6 +213,11 @@ struct WsWork {
   }
   // The shared block whose run holds pair p (counted from the first shared stage).
   __device__ int64_t block_of_pair(int64_t p) const { return ((p + 1) * shared_blocks - 1) / shared_pairs; }
+  // The shared blocks whose runs hold shared tile s: first to last (their slots: + s, in_slots).
+  __device__ void blocks_of_tile(int64_t s, int64_t& first, int64_t& last) const {
+    const int64_t pairs = tile_stages / 2;
+    first = block_of_pair(s * pairs), last = block_of_pair((s + 1) * pairs - 1);
+  }
 };
 
 // Walks a block's stages in order (WsWork numbering) without dividing at every stage (the producers
@@ -359,8 +364,9 @@ __device__ __forceinline__ void finish_share(const float* sums, const WsWork& wo
                                              int consumer, int64_t m, int64_t n, const T* bias, T* y) {
   constexpr int64_t kTileSums = 128 * BN;
   constexpr int kSlotsInFlight = 8;
-  const int64_t pairs = work.tile_stages / 2, tile = work.whole_tiles + s;
-  const int64_t first = work.block_of_pair(s * pairs), last = work.block_of_pair((s + 1) * pairs - 1);
+  const int64_t tile = work.whole_tiles + s;
+  int64_t first, last;
+  work.blocks_of_tile(s, first, last);
   const int contributors = int(last - first + 1), rank = int(block - first);
   if (consumer == 0)
     while (load_acquire(work.counters + s) < unsigned(contributors)) __nanosleep(64);
@@ -693,8 +699,8 @@ __global__ void __launch_bounds__(256) finish_shared_tiles(const float* __restri
   if (batch0 >= m) return;  // (block-uniform)
   int64_t first = s, last = s;
   if (work.in_slots) {
-    const int64_t pairs = work.tile_stages / 2;
-    first = work.block_of_pair(s * pairs) + s, last = work.block_of_pair((s + 1) * pairs - 1) + s;
+    work.blocks_of_tile(s, first, last);
+    first += s, last += s;
   }
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   for (int64_t slot = first; slot <= last; ++slot) {
