@@ -1,11 +1,13 @@
 """What the A/B tools (bench_env_ab.py, bench_builds_ab.py) share: their layer options, the layers
 they time (seeded: every process and build multiplies the same weights) and the timer (GPU:
 CUDA-graph replays over weight copies beyond the L2, as `python -m fp4 bench`; CPU: wall time)."""
+import argparse
+
 import torch
 from torch import nn
 
 import fp4
-from fp4.cli.args import shapes
+from fp4.cli.args import positive_ints, shapes
 from fp4.cli.bench import _cpu_time, _gpu_time, copies_beyond_l2
 
 
@@ -22,6 +24,10 @@ def add_layer_arguments(parser, batches, rounds, rounds_help):
 def check_layer_arguments(parser, args):
     if args.rounds < 1 or args.repeats < 1:
         parser.error(f"--rounds and --repeats: expected at least 1, got {args.rounds} and {args.repeats}")
+    try:
+        shapes_and_batches(args)
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--shapes / --batches: {error}")
 
 
 def device_and_timer():
@@ -30,7 +36,7 @@ def device_and_timer():
 
 
 def shapes_and_batches(args):
-    return shapes(args.shapes), [int(b) for b in args.batches.split(",")]
+    return shapes(args.shapes), positive_ints(args.batches)
 
 
 def seeded_layers(out_features, in_features, device, args):
