@@ -270,7 +270,8 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
 // The split kernels' fp32 sums (one per output), or the small-batch kernel's slots.
 size_t gemm_4bit_workspace_size(int64_t m, int64_t n) {
   const size_t sums = size_t(m) * size_t(n) * sizeof(float);
-  return m <= 16 ? std::max(sums, gemm_4bit_stream_workspace_size(m)) : std::max(sums, gemm_4bit_wgmma_ws_sums_bytes(m, n));
+  return m <= 16 ? std::max({sums, gemm_4bit_stream_workspace_size(m), gemm_4bit_wgmma_ws_sums_bytes(m, n)})
+                 : std::max(sums, gemm_4bit_wgmma_ws_sums_bytes(m, n));
 }
 
 void gemm_4bit(const fp4_exec& exec, fp4_quant_type type, const void* x, fp4_dtype dtype, int64_t m, int64_t k,
@@ -278,6 +279,9 @@ void gemm_4bit(const fp4_exec& exec, fp4_quant_type type, const void* x, fp4_dty
                void* y, void* workspace) {
   const Code16 code = code16_of(type);
   float* ws = static_cast<float*>(workspace);
+  if (m <= 16 && gemm_4bit_wgmma_available(exec.device_index) && gemm_4bit_wgmma_supports(n, k, blocksize, scales) &&
+      gemm_4bit_wgmma_ws_takes_batch_16(exec.device_index, m, n, k))
+    return gemm_4bit_wgmma_ws(exec, code, dtype, x, m, k, packed, scales, n, blocksize, bias, y, ws);
   if (m <= 16 && gemm_4bit_stream_fits(exec.device_index, m))
     return gemm_4bit_stream(exec, code, dtype, x, m, k, packed, scales, n, blocksize, bias, y, ws);
   if (m > 16 && gemm_4bit_wgmma_available(exec.device_index) && gemm_4bit_wgmma_supports(n, k, blocksize, scales))

@@ -1,5 +1,6 @@
 // The 4-bit linear layer on Hopper (sm_90a) for batch > 16 (gemm_wgmma.cu's kernel takes batch
-// 17-64 only where k % 256 != 0): a warp-specialized wgmma GEMM, read straight from the
+// 17-64 only where k % 256 != 0), and batch 9-16 where it beats the stream kernel
+// (gemm_4bit_wgmma_ws_takes_batch_16): a warp-specialized wgmma GEMM, read straight from the
 // bitsandbytes layout. As everywhere the product is computed transposed, y^T = W x^T. One producer
 // warpgroup only copies: the 4-bit weights and the activations by TMA (one box of weights per stage
 // and one of activations per 64 columns), the scales by cp.async (a row's 4 blocksize-64 scales at
@@ -11,7 +12,7 @@
 // with the multiplies' operand reads.
 //
 // A tile is 128 output features x BN batch rows (256 past batch 128, 128 for 65-128, 64 for 33-64,
-// 32 for 17-32), one block per SM; a block multiplies whole tiles (every `walkers`-th), or a run of
+// 32 for 17-32, 16 to 16), one block per SM; a block multiplies whole tiles (every `walkers`-th), or a run of
 // stages that may cross tiles where blocks share a grid's last (or only) wave (WsWork). A stage is
 // kAtoms slices of 64 columns of k (one swizzle atom of activations each): 2 for the tiles of batch
 // <= 128 (k % 256 == 0), 1 for BN 256. Each consumer warp stores its sums of a whole tile to y in
@@ -46,7 +47,7 @@ namespace {
 constexpr int kConsumersBarrier = 15;
 
 // BN 256 for batch > 128, BN 128 for batch 65-128 (a half-empty 256-row tile would multiply zeros),
-// 64 and 32 below; kAtoms 64-column slices of k per stage (2 fit a stage beside BN <= 128 only);
+// 64, 32 and 16 below; kAtoms 64-column slices of k per stage (2 fit a stage beside BN <= 128 only);
 // kGroupedScales: see the scale ring below.
 template <int BN, int kAtoms, bool kGroupedScales = false>
 struct WsConfig {
@@ -288,10 +289,12 @@ __device__ __forceinline__ void store_tile_rows(const float (&d)[BN / 2], uint8_
     if (bias != nullptr && row0 + g + 8 * h < n) bias_of[h] = load_as_float(bias + row0 + g + 8 * h);
   auto piece_at = [](int b, int half) { return b * 32 + ((half ^ ((b >> 2) & 1)) << 4); };
   const uint32_t staging_address = uint32_t(__cvta_generic_to_shared(staging));
+  // (a chunk of 32 batch rows, or all 16 of BN 16: one pair of octets, one half of the rows)
+  constexpr int kChunks = (BN + 31) / 32, kPairs = BN < 32 ? 1 : 2;
 #pragma unroll
-  for (int chunk = 0; chunk < BN / 32; ++chunk) {
+  for (int chunk = 0; chunk < kChunks; ++chunk) {
 #pragma unroll
-    for (int pair = 0; pair < 2; ++pair) {  // (batch octets 4 chunk + 2 pair + [0, 2), both feature halves)
+    for (int pair = 0; pair < kPairs; ++pair) {  // (batch octets 4 chunk + 2 pair + [0, 2), both feature halves)
       uint32_t r[4];
 #pragma unroll
       for (int mat = 0; mat < 4; ++mat) {
@@ -302,7 +305,7 @@ __device__ __forceinline__ void store_tile_rows(const float (&d)[BN / 2], uint8_
     }
     __syncwarp();
 #pragma unroll
-    for (int half_rows = 0; half_rows < 2; ++half_rows) {
+    for (int half_rows = 0; half_rows < kPairs; ++half_rows) {
       const int piece = 32 * half_rows + lane, b = piece / 2, half = piece % 2;
       const uint4 v = *reinterpret_cast<const uint4*>(staging + piece_at(b, half));
       const int64_t batch = batch0 + 32 * chunk + b, f = row0 + 8 * half;
@@ -886,8 +889,39 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
 
 bool gemm_4bit_wgmma_ws_takes_small_batch(int64_t k) { return k % (2 * WsConfig<64, kSmallAtoms>::kStageK) == 0; }
 
+// Batch 9-16 (a 16-row batch tile) against the stream kernel (gemm_stream.cu), as their times
+// measured on the H100 (bf16 nf4, same process, us; `tools/bench_env_ab.py FP4_CUDA_WS_BATCH16=0,1`)
+// fit them: this kernel ~3 us + 0.5 us per stage of its busiest block (128 features x 128 columns;
+// decode-bound: a 16- or 32-row batch tile takes as long) + ~2 us for a 2-way cluster split; the
+// stream kernel ~8.5 us (its finish kernel, which at batch 9-16 runs only after it: gemm_stream.cu)
+// + its per-SM share of the weights at 35.6K weights per us. The stream kernel, with every SM
+// reading, wins on the rest. Batch 9 / 16, stream / this: taken by the rule: (14336, 4096) 20.6 /
+// 19.2, 22.0 / 18.8; (16384, 4096) 22.4 / 19.9, 24.1 / 19.8; (16384, 8192) 36.1 / 35.6, 37.9 / 35.9;
+// (8192, 8192) (2 splits) 22.2 / 21.9, 22.6 / 21.7; (6144, 4096) (2 splits) 13.7 / 12.7, 13.8 / 12.5.
+// Left to the stream kernel: (14336, 8192) 33.2 / 34.6, 34.1 / 34.8; (13824, 5120) 22.5 / 23.0, 24.1 /
+// 23.2; (12288, 4096) 18.2 / 18.7, 18.8 / 19.0; (11008, 4096) 17.6 / 18.6, 18.0 / 18.6; (10240, 8192)
+// 25.7 / 33.9; more than one wave ((28672, 4096) 35.9 / 41.1 at 16, (18944, 3584) 23.9 / 27.3);
+// splits of 3-4 ways, where the clusters' adding or the rest's costs more ((4096, 14336) 20.7 / 21.7,
+// (4096, 11008) 18.2 / 19.7, (5120, 13824) 24.1 / 25.1, (5120, 5120) 14.3 / 14.6; (4096, 4096) 12.1 /
+// 11.2 the exception); weights below 2^24 ((2048, 2048) 6.1 / 7.5: the model's fixed costs are
+// those of larger weights). Batch <= 8 stays with the stream kernel everywhere ((14336, 4096) 4 / 8:
+// 17.6 / 18.9, 18.0 / 19.0).
+bool gemm_4bit_wgmma_ws_takes_batch_16(int device, int64_t m, int64_t n, int64_t k) {
+  if (m > 16 || !gemm_4bit_wgmma_ws_takes_small_batch(k)) return false;
+  const int setting = switch_setting("FP4_CUDA_WS_BATCH16");
+  if (setting >= 0) return setting != 0;
+  using C = WsConfig<16, kSmallAtoms, true>;
+  const int64_t tiles = (n + C::kTileRows - 1) / C::kTileRows, capacity = sm_count(device);
+  if (m < 9 || tiles > capacity || n * k < (int64_t(1) << 24)) return false;
+  const int64_t splits = one_wave_splits(tiles, k / C::kStageK, C::kStageK, capacity);
+  if (splits > 2) return false;
+  const double this_us = 3.0 + 0.5 * double(k / C::kStageK / splits) + (splits > 1 ? 2.0 : 0.0);
+  const double stream_us = 8.5 + double(n) * double(k) / (double(capacity) * 35.6e3);
+  return this_us < 0.97 * stream_us;
+}
+
 size_t gemm_4bit_wgmma_ws_sums_bytes(int64_t m, int64_t n) {
-  const int64_t bn = m <= 32 ? 32 : m <= 64 ? 64 : m <= 128 ? 128 : 256;  // (the batch tile: gemm_4bit_wgmma_ws)
+  const int64_t bn = m <= 16 ? 16 : m <= 32 ? 32 : m <= 64 ? 64 : m <= 128 ? 128 : 256;  // (the batch tile: gemm_4bit_wgmma_ws)
   // (all the tiles and one more feature tile: WsWork's slots)
   return size_t((m + bn - 1) / bn * bn) * size_t((n + 127) / 128 * 128 + 128) * sizeof(float);
 }
@@ -896,7 +930,7 @@ void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtyp
                         int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize,
                         const void* bias, void* y, float* workspace) {
   const int log2 = log2_of(blocksize);
-  // The batch tile: 32 rows to batch 32, 64 to 64, 128 to 128, else 256. Tiles of <= 128 rows take
+  // The batch tile: 16 rows to batch 16, 32 to 32, 64 to 64, 128 to 128, else 256. Tiles of <= 128 rows take
   // two atoms per stage where k % 256 == 0 (batch <= 64 comes here only then), the others one.
   // Plain blocksize-64 absmax on 16-byte aligned addresses with k % 256 == 0: grouped scale copies.
   const bool grouped = scales.nested_codes == nullptr && blocksize == 64 && k % 256 == 0 &&
@@ -918,7 +952,9 @@ void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtyp
   // (scales are copied one by one or grouped: dispatch_variant's `paired` unused)
   auto with_two = [&](auto* tag, auto bn, auto nested, auto) { run(tag, bn, nested, two); };
   auto with_one = [&](auto* tag, auto bn, auto nested, auto) { run(tag, bn, nested, one); };
-  if (m <= 64)
+  if (m <= 16)
+    dispatch_variant<16, 16>(dtype, m, 16, scales, blocksize, with_two, false);
+  else if (m <= 64)
     dispatch_variant<32, 64>(dtype, m, 32, scales, blocksize, with_two, false);
   else if (m <= 128 && k % (2 * WsConfig<128, kSmallAtoms>::kStageK) == 0)
     dispatch_variant<128, 128>(dtype, m, 128, scales, blocksize, with_two, false);

@@ -359,12 +359,17 @@ void gemm_4bit_wgmma(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, 
                      const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize, const void* bias,
                      void* y, float* workspace);
 // Its warp-specialized form (gemm_wgmma_ws.cu), called by gemm_4bit_wgmma for batch > 64 and for
-// batch 17-64 where gemm_4bit_wgmma_ws_takes_small_batch(k).
+// batch 17-64 where gemm_4bit_wgmma_ws_takes_small_batch(k), and by gemm_4bit for batch <= 16 where
+// gemm_4bit_wgmma_ws_takes_batch_16.
 void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtype, const void* x, int64_t m,
                         int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize,
                         const void* bias, void* y, float* workspace);
 // Whether it can take batch 17-64: its tiles of <= 64 batch rows take stages of 128 columns, in pairs.
 bool gemm_4bit_wgmma_ws_takes_small_batch(int64_t k);
+// Whether batch m <= 16 goes to the warp-specialized kernel (its 16-row batch tile) rather than the
+// stream kernel (gemm_4bit_wgmma_available and _supports hold): the measured rule, or
+// FP4_CUDA_WS_BATCH16=0 / 1 (never / wherever it can run, any m <= 16).
+bool gemm_4bit_wgmma_ws_takes_batch_16(int device, int64_t m, int64_t n, int64_t k);
 // The bytes of fp32 sums it may need in the workspace for batch m (WsWork).
 size_t gemm_4bit_wgmma_ws_sums_bytes(int64_t m, int64_t n);
 

@@ -135,6 +135,16 @@ __device__ __forceinline__ void store_accumulators(const float (&d)[R], int64_t 
 template <int N, bool kBf16>
 struct Mma;
 
+#define FP4_WGMMA_M64N16K16(TYPE) \
+  FP4_WGMMA_ONLY(asm volatile( \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n" \
+  "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPE "." TYPE " {" \
+  "%0, %1, %2, %3, %4, %5, %6, %7" \
+  "}, {%8, %9, %10, %11}, %12, p, 1, 1, 0;\n}\n" \
+  : \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]) \
+  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)))
+
 #define FP4_WGMMA_M64N32K16(TYPE) \
   FP4_WGMMA_ONLY(asm volatile( \
   "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n" \
@@ -190,6 +200,20 @@ struct Mma;
   FP4_WGMMA_ACC_64_95, \
   FP4_WGMMA_ACC_96_127 \
   : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b)))
+
+template <>
+struct Mma<16, false> {
+  static __device__ __forceinline__ void run(float (&d)[8], const uint32_t (&a)[4], uint64_t desc_b) {
+    FP4_WGMMA_M64N16K16("f16");
+  }
+};
+
+template <>
+struct Mma<16, true> {
+  static __device__ __forceinline__ void run(float (&d)[8], const uint32_t (&a)[4], uint64_t desc_b) {
+    FP4_WGMMA_M64N16K16("bf16");
+  }
+};
 
 template <>
 struct Mma<32, false> {
@@ -248,6 +272,7 @@ struct Mma<256, true> {
 };
 
 
+#undef FP4_WGMMA_M64N16K16
 #undef FP4_WGMMA_M64N32K16
 #undef FP4_WGMMA_M64N64K16
 #undef FP4_WGMMA_M64N128K16

@@ -186,6 +186,66 @@ def test_warp_specialized_gemm_splits_k_in_clusters(monkeypatch, out_features, i
     _check(layer, x, "gemm")
 
 
+# (out_features, in_features, settings): whole tiles stored in 16-byte pieces and (n odd) element by
+# element; k split 2, 4 and 8 ways in clusters; 4 ways with 7 of the 8 clusters fitting, the rest
+# beside them; 4 ways through the workspace (its vector atomics add in any order: no same-bits check).
+_BATCH16_SHAPES = [(9000, 1024, {}), (9001, 1024, {}), (1001, 2048, {}), (1000, 4096, {}), (256, 4096, {}),
+                   (1024, 4096, {"FP4_CUDA_WS_CLUSTERS_FIT": "7", "FP4_CUDA_WS_REST": "1"}),
+                   (1024, 4096, {"FP4_CUDA_WS_CLUSTER": "0"})]
+
+
+@pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
+@pytest.mark.parametrize("dtype,quant_type,double_quant", [(torch.bfloat16, "nf4", False), (torch.float16, "fp4", True)],
+                         ids=["bf16-nf4", "fp16-fp4-nested"])
+@pytest.mark.parametrize("batch", [1, 9, 16])
+@pytest.mark.parametrize("out_features,in_features,settings", _BATCH16_SHAPES,
+                         ids=[f"{n}x{k}-{'-'.join(s) or 'default'}" for n, k, s in _BATCH16_SHAPES])
+def test_warp_specialized_gemm_batch_16_tile_matches_reference(monkeypatch, out_features, in_features, settings, batch,
+                                                               dtype, quant_type, double_quant):
+    """The warp-specialized kernel's 16-row batch tile (FP4_CUDA_WS_BATCH16=1 takes it at any batch
+    <= 16) is right against the dequantize reference, whether its tiles are whole or split in
+    clusters, beside them or through the workspace, and but for the last gives the same bits on every
+    call."""
+    monkeypatch.setenv("FP4_CUDA_WS_BATCH16", "1")
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    layer = _layer(out_features, in_features, dtype, quant_type, double_quant)
+    x = torch.randn(batch, in_features, device="cuda", dtype=dtype)
+    _check(layer, x, "gemm")
+    args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+    first = ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm")
+    if "FP4_CUDA_WS_CLUSTER" not in settings:
+        for _ in range(3):
+            assert torch.equal(ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm"), first)
+
+
+@pytest.mark.skipif(not WGMMA or torch.cuda.get_device_properties(0).multi_processor_count != 132,
+                    reason="the rule's cases are measured on an H100 SXM (132 SMs)")
+def test_batch_9_16_kernel_by_the_measured_rule(monkeypatch):
+    """Batch 9-16 runs the warp-specialized kernel where the rule measured it faster ((14336, 4096),
+    whose 112 feature tiles fill most SMs), the stream kernel elsewhere ((11008, 4096)) and at batch
+    <= 8; FP4_CUDA_WS_BATCH16=0 / 1 forces either. (Apart from the matching tests: the profiler sees
+    no kernels under compute-sanitizer.)"""
+    def kernel_of(out_features, batch):
+        layer = _layer(out_features, 4096, torch.bfloat16)
+        args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
+        x = torch.randn(batch, 4096, device="cuda", dtype=torch.bfloat16)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm")
+            torch.cuda.synchronize()
+        names = " ".join(event.key for event in profile.key_averages())
+        ws, stream = "gemm_wgmma_ws_kernel" in names, "gemm_stream" in names
+        assert ws != stream, names
+        return "ws" if ws else "stream"
+
+    assert [kernel_of(14336, b) for b in (8, 9, 16)] == ["stream", "ws", "ws"]
+    assert kernel_of(11008, 16) == "stream"
+    monkeypatch.setenv("FP4_CUDA_WS_BATCH16", "1")
+    assert kernel_of(11008, 16) == "ws"
+    monkeypatch.setenv("FP4_CUDA_WS_BATCH16", "0")
+    assert kernel_of(14336, 16) == "stream"
+
+
 # (out_features, in_features, batch, clusters that fit or None for the GPU's own count, dtype, nested):
 # 8 tiles split 4 ways with 7 clusters (the rest: 1 tile on 7 blocks); 2 x 2 tiles of 256 batch rows
 # split 4 ways with 3 (the rest: a partial tile of features and of batch rows); the issue's (4096,

@@ -23,13 +23,14 @@ if [ "$what" = sanitize ] || [ "$what" = all ]; then
     (stream_forms_match and float16) or whole_tiles or finish_in_half or chained_layers or two_rows_per_warp or \
     (gemv_pair_table and not where_chosen)"
   warp_specialized="(wgmma_gemm_matches and float16 and (65 or 128 or 130 or 257 or 300 or ws)) or identical_bits or \
-    stream_forms_match or shares_the_last_wave or stores_y_in_pieces or walkers or splits_k_in_clusters or beside_the_clusters"
+    stream_forms_match or shares_the_last_wave or stores_y_in_pieces or walkers or splits_k_in_clusters or beside_the_clusters or \
+    batch_16_tile"
   for tool in ${TOOLS:-memcheck racecheck synccheck}; do
     case $tool in
       memcheck) selection="$kernels or $warp_specialized" ;;
       racecheck) selection="$kernels or (wgmma_gemm_matches and float16 and (65 or 130 or 300)) or \
         (shares_the_last_wave and shared and not b1024) or (stores_y_in_pieces and float16) or walkers or splits_k_in_clusters or \
-        (beside_the_clusters and not 14336)" ;;  # (time)
+        (beside_the_clusters and not 14336) or (batch_16_tile and bf16)" ;;  # (time)
       synccheck) selection="$warp_specialized" ;;
     esac
     [ -n "$PART" ] && selection="($selection) and ($PART)"

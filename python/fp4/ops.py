@@ -19,8 +19,10 @@ from .quant_state import QuantState
 #                                 the fused GEMV (warp per output feature; at batch 1 in fp16/bf16 on
 #                                 >= 2^24 weights its pair-table kernel, cuda/linear.cu)
 #   m <= CUDA_GEMM_MAX_BATCH      the fused tensor-core GEMM (stream-K kernel to 16, on sm_90a in its
-#                                 producer-fed form; above, the Hopper wgmma kernels where
-#                                 gemm_uses_wgmma, else the tiled mma.sync one)
+#                                 producer-fed form, or at 9-16 the warp-specialized wgmma kernel where
+#                                 its measured cost is lower, as on (14336, 4096): cuda/gemm_wgmma_ws.cu;
+#                                 above, the Hopper wgmma kernels where gemm_uses_wgmma, else the
+#                                 tiled mma.sync one)
 #   m <= CUDA_WGMMA_MAX_BATCH     the same GEMM where it runs wgmma (in_features % 256 == 0; past
 #                                 batch 64 its warp-specialized kernel, cuda/gemm_wgmma_ws.cu)
 #   larger                        dequantize into a temporary, then cuBLAS
