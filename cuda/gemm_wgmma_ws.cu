@@ -12,10 +12,10 @@
 // with the multiplies' operand reads.
 //
 // A tile is 128 output features x BN batch rows (256 past batch 128, 128 for 65-128, 64 for 33-64,
-// 32 for 17-32, 16 to 16), one block per SM; a block multiplies whole tiles (every `walkers`-th), or a run of
-// stages that may cross tiles where blocks share a grid's last (or only) wave (WsWork). A stage is
-// kAtoms slices of 64 columns of k (one swizzle atom of activations each): 2 for the tiles of batch
-// <= 128 (k % 256 == 0), 1 for BN 256. Each consumer warp stores its sums of a whole tile to y in
+// 32 for 17-32, 16 to 16), one block per SM; a block multiplies whole tiles (every `walkers`-th), or
+// a run of stages that may cross tiles where blocks share a grid's last (or only) wave (WsWork). A
+// stage is kAtoms slices of 64 columns of k (one swizzle atom of activations each): 2 for the tiles
+// of batch <= 128 (k % 256 == 0), 1 for BN 256. Each consumer warp stores its sums of a whole tile to y in
 // 16-byte pieces through staging rows in shared memory (store_tile_rows). Below
 // batch 256 shared memory bounds a stage, not the multiplies: ncu at batch 64 counted each 16-byte
 // cp.async of weights (rows 2-4 KB apart) as its own wavefront, 45% of the block's, which the TMA
@@ -921,7 +921,8 @@ bool gemm_4bit_wgmma_ws_takes_batch_16(int device, int64_t m, int64_t n, int64_t
 }
 
 size_t gemm_4bit_wgmma_ws_sums_bytes(int64_t m, int64_t n) {
-  const int64_t bn = m <= 16 ? 16 : m <= 32 ? 32 : m <= 64 ? 64 : m <= 128 ? 128 : 256;  // (the batch tile: gemm_4bit_wgmma_ws)
+  // (the batch tile: gemm_4bit_wgmma_ws)
+  const int64_t bn = m <= 16 ? 16 : m <= 32 ? 32 : m <= 64 ? 64 : m <= 128 ? 128 : 256;
   // (all the tiles and one more feature tile: WsWork's slots)
   return size_t((m + bn - 1) / bn * bn) * size_t((n + 127) / 128 * 128 + 128) * sizeof(float);
 }
@@ -930,8 +931,8 @@ void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtyp
                         int64_t k, const uint8_t* packed, const fp4_scales& scales, int64_t n, int64_t blocksize,
                         const void* bias, void* y, float* workspace) {
   const int log2 = log2_of(blocksize);
-  // The batch tile: 16 rows to batch 16, 32 to 32, 64 to 64, 128 to 128, else 256. Tiles of <= 128 rows take
-  // two atoms per stage where k % 256 == 0 (batch <= 64 comes here only then), the others one.
+  // The batch tile: 16 rows to batch 16, 32 to 32, 64 to 64, 128 to 128, else 256. Tiles of <= 128
+  // rows take two atoms per stage where k % 256 == 0 (batch <= 64 comes here only then), the others one.
   // Plain blocksize-64 absmax on 16-byte aligned addresses with k % 256 == 0: grouped scale copies.
   const bool grouped = scales.nested_codes == nullptr && blocksize == 64 && k % 256 == 0 &&
                        reinterpret_cast<uintptr_t>(scales.absmax) % 16 == 0;

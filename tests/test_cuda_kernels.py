@@ -195,7 +195,8 @@ _BATCH16_SHAPES = [(9000, 1024, {}), (9001, 1024, {}), (1001, 2048, {}), (1000, 
 
 
 @pytest.mark.skipif(not WGMMA, reason="needs an sm_90 GPU and a library built for sm_90a")
-@pytest.mark.parametrize("dtype,quant_type,double_quant", [(torch.bfloat16, "nf4", False), (torch.float16, "fp4", True)],
+@pytest.mark.parametrize("dtype,quant_type,double_quant", [(torch.bfloat16, "nf4", False),
+                                                            (torch.float16, "fp4", True)],
                          ids=["bf16-nf4", "fp16-fp4-nested"])
 @pytest.mark.parametrize("batch", [1, 9, 16])
 @pytest.mark.parametrize("out_features,in_features,settings", _BATCH16_SHAPES,

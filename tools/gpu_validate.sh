@@ -23,8 +23,8 @@ if [ "$what" = sanitize ] || [ "$what" = all ]; then
     (stream_forms_match and float16) or whole_tiles or finish_in_half or chained_layers or two_rows_per_warp or \
     (gemv_pair_table and not where_chosen)"
   warp_specialized="(wgmma_gemm_matches and float16 and (65 or 128 or 130 or 257 or 300 or ws)) or identical_bits or \
-    stream_forms_match or shares_the_last_wave or stores_y_in_pieces or walkers or splits_k_in_clusters or beside_the_clusters or \
-    batch_16_tile"
+    stream_forms_match or shares_the_last_wave or stores_y_in_pieces or walkers or splits_k_in_clusters or \
+    beside_the_clusters or batch_16_tile"
   for tool in ${TOOLS:-memcheck racecheck synccheck}; do
     case $tool in
       memcheck) selection="$kernels or $warp_specialized" ;;
