@@ -224,13 +224,14 @@ def test_warp_specialized_gemm_batch_16_tile_matches_reference(monkeypatch, out_
                     reason="the rule's cases are measured on an H100 SXM (132 SMs)")
 def test_batch_9_16_kernel_by_the_measured_rule(monkeypatch):
     """Batch 9-16 runs the warp-specialized kernel where the rule measured it faster ((14336, 4096),
-    whose 112 feature tiles fill most SMs), the stream kernel elsewhere ((11008, 4096)) and at batch
-    <= 8; FP4_CUDA_WS_BATCH16=0 / 1 forces either. (Apart from the matching tests: the profiler sees
-    no kernels under compute-sanitizer.)"""
-    def kernel_of(out_features, batch):
-        layer = _layer(out_features, 4096, torch.bfloat16)
+    whose 112 feature tiles fill most SMs; (3584, 4096) and (4096, 4096), split 4 ways, a block's
+    share 8 stages), the stream kernel elsewhere ((11008, 4096); (4096, 8192), 16 stages a block;
+    (1024, 4096), below 2^23 weights) and at batch <= 8; FP4_CUDA_WS_BATCH16=0 / 1 forces either.
+    (Apart from the matching tests: the profiler sees no kernels under compute-sanitizer.)"""
+    def kernel_of(out_features, batch, in_features=4096):
+        layer = _layer(out_features, in_features, torch.bfloat16)
         args = ops.KernelArgs.of_state(layer.weight, layer.quant_state)
-        x = torch.randn(batch, 4096, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(batch, in_features, device="cuda", dtype=torch.bfloat16)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
             ops.linear_4bit_prepared(x, args, layer.bias, kernel="gemm")
             torch.cuda.synchronize()
@@ -241,6 +242,9 @@ def test_batch_9_16_kernel_by_the_measured_rule(monkeypatch):
 
     assert [kernel_of(14336, b) for b in (8, 9, 16)] == ["stream", "ws", "ws"]
     assert kernel_of(11008, 16) == "stream"
+    assert [kernel_of(n, 12) for n in (3584, 4096)] == ["ws", "ws"]
+    assert kernel_of(4096, 12, in_features=8192) == "stream"
+    assert kernel_of(1024, 12) == "stream"  # (below 2^23 weights)
     monkeypatch.setenv("FP4_CUDA_WS_BATCH16", "1")
     assert kernel_of(11008, 16) == "ws"
     monkeypatch.setenv("FP4_CUDA_WS_BATCH16", "0")
@@ -398,11 +402,12 @@ def test_gemm_large_k_and_split_k():
 @pytest.mark.parametrize("in_features", [1152, 1280])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "nested"])
 @pytest.mark.parametrize("batch", [3, 12])
-def test_gemm_stream_ranges_cross_tiles(batch, double_quant, in_features):
+def test_gemm_stream_ranges_cross_tiles(monkeypatch, batch, double_quant, in_features):
     """Batch <= 16 walks (feature tile, k) ranges per block: 33 tiles x 5 stages over fewer blocks,
     so ranges start and end inside tiles and flush partial sums. k = 1152 ends each row with a
     one-chunk stage (scales loaded to registers); k = 1280 has whole stages, whose scales travel
     through the shared-memory ring."""
+    monkeypatch.setenv("FP4_CUDA_WS_BATCH16", "0")  # (the stream kernel at batch 12 too)
     layer = _layer(8208, in_features, torch.float16, "nf4", double_quant)  # 8208 = 32 tiles + 16 rows
     _check(layer, torch.randn(batch, in_features, device="cuda", dtype=torch.float16), "gemm")
 
@@ -423,6 +428,7 @@ def test_gemm_stream_forms_match_reference(monkeypatch, fed, ring, batch, double
         pytest.skip("the fed form needs an sm_90 GPU and a library built for sm_90a")
     monkeypatch.setenv("FP4_CUDA_STREAM_FED", fed)
     monkeypatch.setenv("FP4_CUDA_FED_SHORT", ring)
+    monkeypatch.setenv("FP4_CUDA_WS_BATCH16", "0")  # (the stream kernel at batch 9-16 too)
     layer = _layer(8208, 1280, dtype, "nf4", double_quant)
     _check(layer, torch.randn(batch, 1280, device="cuda", dtype=dtype), "gemm")
 
@@ -568,6 +574,7 @@ def test_fed_stream_ring_by_units_per_block(monkeypatch):
     """The fed kernel runs ranges of few units per block (<= 32 at batch <= 8, <= 16 at 9-16) on a
     ring one stage short, longer ones on the full ring (its last template argument);
     FP4_CUDA_FED_SHORT=1 / 0 forces either."""
+    monkeypatch.setenv("FP4_CUDA_WS_BATCH16", "0")  # (batch 12 on `few` would take the warp-specialized kernel)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     few = _layer(1536, 8192, torch.bfloat16, bias=False)  # 8 tiles x 32 stages: < 2 units per block
     many = _layer(192 * (-(-17 * sms // 32)), 8192, torch.bfloat16, bias=False)  # 17-18 units per block
