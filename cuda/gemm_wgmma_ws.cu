@@ -889,31 +889,20 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
 
 bool gemm_4bit_wgmma_ws_takes_small_batch(int64_t k) { return k % (2 * WsConfig<64, kSmallAtoms>::kStageK) == 0; }
 
-// Batch 9-16 (a 16-row batch tile) against the stream kernel (gemm_stream.cu), as their times measured on the H100
-// (bf16 nf4, same process, us; `tools/bench_env_ab.py FP4_CUDA_WS_BATCH16=0,1`) fit them: this kernel ~3 us + 0.5 us
-// per stage of its busiest block (128 features x 128 columns; decode-bound: a 16- or 32-row batch tile takes as long) +
-// ~2 us for a 2-way cluster split (3-8 ways below); the stream kernel ~8.5 us (its finish kernel, which at batch 9-16
-// runs only after it: gemm_stream.cu) + its per-SM share of the weights at 35.6K weights per us. The stream kernel,
-// with every SM reading, wins on the rest. Batch 9 / 16, stream / this: taken by the rule: (14336, 4096) 20.6 / 19.2,
-// 22.0 / 18.8; (16384, 4096) 22.4 / 19.9, 24.1 / 19.8; (16384, 8192) 36.1 / 35.6, 37.9 / 35.9; (8192, 8192) (2 splits)
-// 22.2 / 21.9, 22.6 / 21.7; (6144, 4096) (2 splits) 13.7 / 12.7, 13.8 / 12.5. Left to the stream kernel: (14336, 8192)
-// 33.2 / 34.6, 34.1 / 34.8; (13824, 5120) 22.5 / 23.0, 24.1 / 23.2; (12288, 4096) 18.2 / 18.7, 18.8 / 19.0; (11008,
-// 4096) 17.6 / 18.6, 18.0 / 18.6; (10240, 8192) 25.7 / 33.9; more than one wave ((28672, 4096) 35.9 / 41.1 at 16,
-// (18944, 3584) 23.9 / 27.3); weights below 2^23 ((2048, 2048) 6.1 / 7.5, (1024, 4096) 5.9 / 7.9, 6.1 / 7.9: the stream
-// kernel's fixed costs are lower there); from 2^23 on it wins, e.g. (4096, 2048) (2 ways) 10.3 / 8.2, 10.6 / 8.3.
-// Splits of 3-8 ways (clusters, with the rest beside them where not all fit) cost 1.8-4.5 us, no single number: there
-// the kernel is taken where a block's share is at most 11 stages, as measured (batch 9 / 16, stream / this): wins
-// (3584, 4096) (4 ways, 8 stages) 12.4 / 9.2, 12.7 / 9.1; (3072, 4096) (4, 8) 10.6 / 8.8, 10.8 / 8.8; (2560, 8192) (6,
-// 10.7) 13.5 / 12.0, 13.7 / 12.0; (2048, 8192) (8, 8) 12.3 / 11.3, 12.5 / 11.3; (4096, 4096) (4, 8) 12.3 / 11.5, 12.3 /
-// 11.4; (4096, 5120) (4, 10) 13.2 / 12.4, 13.4 / 12.3; (5120, 4096) (3, 10.7) 13.4 / 13.0, 13.7 / 13.1; (2048, 4096)
-// (4, 8) 10.9 / 8.3, 11.0 / 8.3; (2560, 4096) (4, 8) 10.9 / 8.6, 11.5 / 8.6; (3072, 3072) (3, 8) 10.7 / 8.6, 10.8 /
-// 8.5; (2048, 6144) (6, 8) 10.7 / 9.2, 10.8 / 9.3; (1536, 8192) (8, 8) 11.7 / 9.1, 11.9 / 9.1; (1024, 8192) (8, 8) 12.5
-// / 8.5, 12.6 / 8.6; left to the stream kernel: (4096, 6144) (4, 12) 13.2 / 13.4, 13.4 / 13.4; (5120, 5120) (3, 13.3)
-// 14.0 / 14.3, 14.1 / 14.5; (4096, 8192) (4, 16) 15.4 / 15.7, 15.7 / 15.5; (4096, 11008) (4, 21.5) 17.9 / 19.1, 17.9 /
-// 19.0; (4096, 14336) 20.7 / 21.7; (5120, 13824) 24.1 / 25.1. Batch <= 8 stays with the stream kernel everywhere
-// ((14336, 4096) 4 / 8: 17.6 / 18.9, 18.0 / 19.0).
-constexpr double kMostStagesSplit = 11.0;
+// Batch 9-16 (a 16-row batch tile) against the stream kernel (gemm_stream.cu), by their times measured
+// on the H100 (bf16 nf4, same process; `tools/bench_env_ab.py FP4_CUDA_WS_BATCH16=0,1`; every shape in
+// docs/perf-log.md, sections "Batch 9-16 on the warp-specialized kernel's 16-row batch tile" and item 7
+// of the one after it). Whole tiles or 2-way cluster splits: this kernel ~3 us + 0.5 us per stage of
+// its busiest block (128 features x 128 columns; decode-bound, a 16- or 32-row batch tile takes as
+// long) + ~2 us for the split, against the stream kernel's ~8.5 us (its finish kernel, which at batch
+// 9-16 runs only after it) + its per-SM share of the weights at 35.6K weights per us; taken where 3%
+// faster ((14336, 4096) batch 16 22.0 -> 18.8 us), not past one wave of tiles ((28672, 4096) 35.9 /
+// 41.1). Splits of 3-8 ways cost 1.8-4.5 us, no single number: taken where a block's share is at most
+// 11 stages ((3584, 4096), 8 stages, 12.7 -> 9.1; (4096, 4096) 12.3 -> 11.4), not from 12 ((4096,
+// 6144) a tie, (4096, 11008) 17.9 / 19.1). Below 2^23 weights the stream kernel's fixed costs are
+// lower ((1024, 4096) 6.1 / 7.9); batch <= 8 stays with it everywhere ((14336, 4096) 8: 18.0 / 19.0).
 bool gemm_4bit_wgmma_ws_takes_batch_16(int device, int64_t m, int64_t n, int64_t k) {
+  constexpr double kMostStagesSplit = 11.0;  // (3-8 splits: a block's stages at most)
   if (m > 16 || !gemm_4bit_wgmma_ws_takes_small_batch(k)) return false;
   const int setting = switch_setting("FP4_CUDA_WS_BATCH16");
   if (setting >= 0) return setting != 0;

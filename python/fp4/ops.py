@@ -20,7 +20,8 @@ from .quant_state import QuantState
 #                                 >= 2^24 weights its pair-table kernel, cuda/linear.cu)
 #   m <= CUDA_GEMM_MAX_BATCH      the fused tensor-core GEMM (stream-K kernel to 16, on sm_90a in its
 #                                 producer-fed form, or at 9-16 the warp-specialized wgmma kernel where
-#                                 its measured cost is lower, as on (14336, 4096): cuda/gemm_wgmma_ws.cu;
+#                                 it measured faster, as on (14336, 4096) and (4096, 4096):
+#                                 cuda/gemm_wgmma_ws.cu;
 #                                 above, the Hopper wgmma kernels where gemm_uses_wgmma, else the
 #                                 tiled mma.sync one)
 #   m <= CUDA_WGMMA_MAX_BATCH     the same GEMM where it runs wgmma (in_features % 256 == 0; past
