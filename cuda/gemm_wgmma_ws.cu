@@ -20,7 +20,10 @@
 // batch 256 shared memory bounds a stage, not the multiplies: ncu at batch 64 counted each 16-byte
 // cp.async of weights (rows 2-4 KB apart) as its own wavefront, 45% of the block's, which the TMA
 // box replaced, and each scale copy too (16%: now 4 atoms per copy); two atoms halve the per-stage
-// waits and give the box 64-byte rows (perf log).
+// waits and give the box 64-byte rows (perf log). What a stage waits for now, at batch 17-128, is the
+// decode's shared-memory loads: decoding one atom of two (results wrong on purpose) made batch 64
+// 16-26% faster, leaving out every activation copy changed nothing, and more consumer warps or TMA
+// multicast of the activations only lost (perf log).
 // The producers' scale copies complete the slot's first mbarrier (cp.async arrivals), the TMA boxes
 // a second one; the consumers wait on both (each warpgroup on its own: no barrier couples the
 // two). EMPTY[slot], a named barrier, tells the producers that the multiplies that read a slot are
