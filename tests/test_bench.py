@@ -1,5 +1,8 @@
 """`python -m fp4 bench`: what one row measures, and that GPU methods are timed in turns."""
 
+import statistics
+import time
+
 import pytest
 import torch
 
@@ -15,6 +18,30 @@ def test_bench_row_times_each_method_and_checks_the_result(device):
     assert row["floor_us"] == pytest.approx(bench.weight_bytes_4bit(256, 512) / bench.PEAK_COPY_BW * 1e6)
     assert row["fp4_rel_err"] < 2e-3  # against the dequantized weight in float64
     assert row["copies"] == (1 if device.type == "cpu" else bench.copies_beyond_l2(256, 512, device))
+
+
+def test_a_sustained_row_holds_each_method_for_the_time_asked(device):
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    began = time.perf_counter()
+    row = bench.bench_one(256, 512, 2, dtype, "nf4", device, repeats=3, peers=False, sustain_s=0.3)
+    assert time.perf_counter() - began >= 2 * 0.3  # (torch and fp4, each held alone)
+    assert row["sustain_s"] == 0.3 and row["torch_us"] > 0 and row["fp4_us"] > 0
+    assert row["fp4_rel_err"] < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_a_sustained_replay_is_timed_over_the_second_half_of_its_window():
+    def run():
+        torch.cuda._sleep(1_000_000)  # (~0.5-0.7 ms of one SM spinning)
+
+    for _ in range(3):
+        run()
+    alone = statistics.median(bench._replay_us(run) for _ in range(5))
+    began = time.perf_counter()
+    held = bench._sustained_replay_us(run, 0.5)
+    assert time.perf_counter() - began >= 0.5
+    assert 0.8 * alone < held < 1.25 * alone  # (one replay's time, not the window's or a share of it)
 
 
 @pytest.mark.gpu

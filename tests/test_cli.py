@@ -30,6 +30,10 @@ def test_info_reports_the_build_and_the_hopper_gemm_per_device():
     (["--dtypes", "float16,float64"], "--dtypes: expected activation dtypes from float16, bfloat16, float32, got float64"),
     (["--formats", "nf5"], "--formats: expected formats from fp4, nf4, got nf5"),
     (["--repeats", "0"], "--repeats: expected a positive integer, got '0'"),
+    (["--sustain", "0"], "--sustain: expected a positive number of seconds, got '0'"),
+    (["--sustain", "-2"], "--sustain: expected a positive number of seconds, got '-2'"),
+    (["--sustain", "4s"], "--sustain: expected a positive number of seconds, got '4s'"),
+    (["--sustain", "nan"], "--sustain: expected a positive number of seconds, got 'nan'"),
     (["--device", "tpu"], "--device: expected cpu or cuda[:N], got 'tpu'"),
     (["--device", "cuda:99"], "'cuda:99': this machine has"),
     (["--json", "/no/such/folder/out.json"], "--json: '/no/such/folder/out.json': no folder '/no/such/folder'"),
@@ -51,3 +55,6 @@ def test_bench_arguments_parse_into_what_the_run_uses(monkeypatch):
                  "--device", "cpu"]) == 0
     assert taken["shapes"] == [(64, 128), (32, 256)] and taken["batches"] == [1, 16]
     assert taken["dtypes"] == ["bfloat16"] and taken["formats"] == ["fp4", "nf4"] and str(taken["device"]) == "cpu"
+    assert taken["sustain"] is None  # (methods timed in turns unless asked)
+    assert main(["bench", "--sustain", "2.5", "--device", "cpu"]) == 0
+    assert taken["sustain"] == 2.5

@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     bench.add_argument("--formats", type=types.names_from(types.FORMATS, "formats"), default="fp4,nf4",
                        help=f"comma-separated, from {', '.join(types.FORMATS)}")
     bench.add_argument("--repeats", type=types.positive_int, default=50)
+    bench.add_argument("--sustain", type=types.positive_seconds, default=None, metavar="SECONDS",
+                       help="time each method alone, its calls back to back for this long (the GPU at its power "
+                            "limit, as in long inference), over the second half; default: methods in turns")
     bench.add_argument("--json", type=types.output_file, default=None, help="write the results here")
     bench.add_argument("--png", type=types.output_file, default=None,
                        help="plot speedup over torch vs batch into this PNG (needs matplotlib)")

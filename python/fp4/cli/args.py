@@ -29,6 +29,17 @@ def positive_int(text):
     return value
 
 
+def positive_seconds(text):
+    """'2.5' -> 2.5; zero, negative, or not a number is an error."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def positive_ints(text):
     """'1,4,16' -> [1, 4, 16]."""
     try:

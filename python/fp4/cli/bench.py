@@ -8,6 +8,10 @@ the median over repeats of a CUDA-graph replay that calls the layer on each of e
 to overflow the 50 MB L2 in turn (so weights come from DRAM, as in a real model), whole rounds of
 them until a replay lasts MIN_REPLAY_US, divided by the number of calls, the methods taking turns
 replay by replay (so the GPU's clock and power state favour none); CPU time is the median wall time.
+With --sustain SECONDS each method is instead timed alone, its calls back to back for that long, over
+the window's second half: held that long the H100 reaches its power limit (700 W) and lowers its
+clocks, fp4 from batch 16 (and at batch 1 on the largest weights), cuBLAS from batch 64 (perf log), so
+these are the times of long inference rather than of a mixed load.
 'floor' is the 4-bit weight bytes over the measured copy bandwidth; '% floor' = floor / time.
 Writes JSON (--json)."""
 
@@ -34,6 +38,9 @@ PEAK_COPY_BW = 3.0e12  # bytes/s, measured device-to-device copy on the H100 (KE
 # 44.3 -> 41.9. More rounds than that only lengthen the sustained load under which the H100's clocks
 # fall (perf log).
 MIN_REPLAY_US = 600.0
+# Replays queued ahead of the one the host waits for under --sustain: the GPU never idles between
+# them (each lasts >= MIN_REPLAY_US), and the window ends within a few replays of its length.
+SUSTAIN_IN_FLIGHT = 4
 
 
 def weight_bytes_4bit(out_features, in_features):
@@ -124,6 +131,23 @@ def _replay_us(run):
     return start.elapsed_time(end) * 1e3
 
 
+def _sustained_replay_us(run, seconds):
+    """GPU microseconds of one run(), replayed back to back for `seconds` of wall time: the median over
+    the replays of the window's second half (by then the clocks have settled at the power limit)."""
+    timed = []  # (start, end) events of each replay, in order
+    begin = time.perf_counter()
+    while time.perf_counter() - begin < seconds:
+        if len(timed) >= SUSTAIN_IN_FLIGHT:
+            timed[-SUSTAIN_IN_FLIGHT][1].synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        timed.append((start, end))
+    timed[-1][1].synchronize()
+    return statistics.median(start.elapsed_time(end) * 1e3 for start, end in timed[len(timed) // 2:])
+
+
 def _graph_runner(layers, x, calls):
     """A callable making `calls` calls, the layer copies in turn: a CUDA-graph replay, or eager
     calls for a layer that cannot be captured."""
@@ -148,11 +172,12 @@ def _graph_runner(layers, x, calls):
         return run
 
 
-def _gpu_times(methods, x, repeats):
+def _gpu_times(methods, x, repeats, sustain_s=None):
     """Median GPU microseconds per call of each method (name -> layer copies). The methods take turns,
     one replay each per round, round r starting at method r mod N: under sustained load the H100's
     clocks fall (power), so timing one method after another favoured whichever ran first (up to 9%
-    at batch 1024, perf log)."""
+    at batch 1024, perf log). With sustain_s, each method alone instead, held for that long
+    (_sustained_replay_us)."""
     runs, calls = {}, {}
     for name, layers in methods.items():
         run = _graph_runner(layers, x, len(layers))
@@ -164,6 +189,8 @@ def _gpu_times(methods, x, repeats):
             for _ in range(3):
                 run()
         runs[name] = run
+    if sustain_s is not None:
+        return {name: _sustained_replay_us(run, sustain_s) / calls[name] for name, run in runs.items()}
     names = list(runs)
     samples = {name: [] for name in names}
     for r in range(repeats):
@@ -178,27 +205,30 @@ def _gpu_time(layers, x, repeats):
     return _gpu_times({"": layers}, x, repeats)[""]
 
 
-def _cpu_time(layers, x, repeats):
+def _cpu_time(layers, x, repeats, sustain_s=None):
+    """Median wall microseconds per call: of `repeats` calls after a short warm-up, or with sustain_s
+    of the calls in the second half of that many seconds of calls back to back."""
     with torch.inference_mode():
         # Warm-up: the previous method's threads (torch's OpenMP pool) may still hold the cores.
-        warm_until = time.perf_counter() + 0.05
+        warm_until = time.perf_counter() + (0.05 if sustain_s is None else sustain_s / 2)
         while time.perf_counter() < warm_until:
             layers[0](x)
         samples = []
-        for _ in range(repeats):
+        timed_until = warm_until + (sustain_s or 0.0) / 2
+        while len(samples) < (repeats if sustain_s is None else 1) or time.perf_counter() < timed_until:
             t = time.perf_counter()
             layers[0](x)
             samples.append((time.perf_counter() - t) * 1e6)
     return statistics.median(samples)
 
 
-def bench_one(out_f, in_f, batch, dtype, quant_type, device, repeats, kernels=False, peers=True):
+def bench_one(out_f, in_f, batch, dtype, quant_type, device, repeats, kernels=False, peers=True, sustain_s=None):
     copies = copies_beyond_l2(out_f, in_f, device)
     dense = [nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype) for _ in range(copies)]
     ours = [fp4.FP4Linear.from_linear(d, quant_type=quant_type) for d in dense]
     x = torch.randn(batch, in_f, device=device, dtype=dtype)
     result = {"shape": [out_f, in_f], "batch": batch, "dtype": str(dtype).replace("torch.", ""),
-              "format": quant_type, "device": str(device), "copies": copies}
+              "format": quant_type, "device": str(device), "copies": copies, "sustain_s": sustain_s}
     methods = {"torch": dense, "fp4": ours}
     args = ops.KernelArgs.of_state(ours[0].weight, ours[0].quant_state)
     bnb = ao = [None]
@@ -217,9 +247,9 @@ def bench_one(out_f, in_f, batch, dtype, quant_type, device, repeats, kernels=Fa
                 continue
             methods[f"fp4_{kernel}"] = [_ForcedKernel(layer, kernel) for layer in ours]
     if device.type == "cuda":
-        times = _gpu_times(methods, x, repeats)
+        times = _gpu_times(methods, x, repeats, sustain_s)
     else:
-        times = {name: _cpu_time(layers, x, repeats) for name, layers in methods.items()}
+        times = {name: _cpu_time(layers, x, repeats, sustain_s) for name, layers in methods.items()}
     result["torch_us"], result["fp4_us"] = times["torch"], times["fp4"]
     result["fp4_kernel"] = ops.choose_kernel(x, args, batch)
     result["bitsandbytes_us"] = times.get("bitsandbytes")
@@ -252,8 +282,9 @@ def run(args) -> int:
     results = []
     header = f"{'shape':>12} {'batch':>5} {'dtype':>8} {'fmt':>4} {'torch':>8} {'bnb':>8} {'torchao':>8} " \
              f"{'fp4':>8} {'kernel':>8} {'vs torch':>8} {'vs bnb':>7} {'%floor':>6}"
+    held = "" if args.sustain is None else f", each method held alone for {args.sustain:g} s (its second half timed)"
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; "
-          f"{'GPU' if device.type == 'cuda' else 'wall'} times in microseconds per call\n{header}")
+          f"{'GPU' if device.type == 'cuda' else 'wall'} times in microseconds per call{held}\n{header}")
 
     def fmt(v):
         return "-" if v is None else f"{v:.1f}"
@@ -263,7 +294,7 @@ def run(args) -> int:
             for dtype in dtypes:
                 for quant_type in args.formats:
                     r = bench_one(*shape, batch, dtype, quant_type, device, args.repeats, args.kernels,
-                                  not args.no_peers)
+                                  not args.no_peers, args.sustain)
                     results.append(r)
                     bnb = r["bitsandbytes_us"]
                     print(f"{'x'.join(map(str, shape)):>12} {batch:>5} {r['dtype']:>8} {quant_type:>4} "
@@ -278,7 +309,7 @@ def run(args) -> int:
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
     title = (f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}: 4-bit linear vs dense, "
-             f"GPU time, weights beyond L2")
+             f"GPU time, weights beyond L2" + ("" if args.sustain is None else f", each held {args.sustain:g} s"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"title": title, "results": results}, f, indent=1)
