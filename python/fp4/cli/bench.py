@@ -214,11 +214,18 @@ def _cpu_time(layers, x, repeats, sustain_s=None):
         while time.perf_counter() < warm_until:
             layers[0](x)
         samples = []
-        timed_until = warm_until + (sustain_s or 0.0) / 2
-        while len(samples) < (repeats if sustain_s is None else 1) or time.perf_counter() < timed_until:
+
+        def time_one_call():
             t = time.perf_counter()
             layers[0](x)
             samples.append((time.perf_counter() - t) * 1e6)
+
+        if sustain_s is None:
+            for _ in range(repeats):
+                time_one_call()
+        else:
+            while not samples or time.perf_counter() < warm_until + sustain_s / 2:
+                time_one_call()
     return statistics.median(samples)
 
 
