@@ -3,13 +3,13 @@
 // (gemm_4bit_wgmma_ws_takes_batch_16): a warp-specialized wgmma GEMM, read straight from the
 // bitsandbytes layout. As everywhere the product is computed transposed, y^T = W x^T. One producer
 // warpgroup only copies: the 4-bit weights and the activations by TMA (one box of weights per stage
-// and one of activations per 64 columns), the scales by cp.async (a row's 4 blocksize-64 scales at
-// once where they allow: WsConfig). Two consumer warpgroups decode the weights into A fragments (one
-// pair-table load per byte, as in gemm_wgmma.cu) and multiply (m64nBNk16, A from registers, B from
-// shared memory), decoding stage i while stage i - 1's multiplies run. Measured before: the
-// producers decoding into a tile in shared memory that wgmma read from there (both operands in
-// shared memory) kept the tensor cores at ~60% — the decode's table loads and tile stores competed
-// with the multiplies' operand reads.
+// and one of activations per 64 columns), the scales by cp.async, or where they are plain
+// blocksize-64 absmax by a TMA box of a row's 4 scales for 4 atoms (WsConfig). Two consumer
+// warpgroups decode the weights into A fragments (one pair-table load per byte, as in
+// gemm_wgmma.cu) and multiply (m64nBNk16, A from registers, B from shared memory), decoding stage i
+// while stage i - 1's multiplies run. Measured before: the producers decoding into a tile in shared
+// memory that wgmma read from there (both operands in shared memory) kept the tensor cores at ~60%
+// — the decode's table loads and tile stores competed with the multiplies' operand reads.
 //
 // A tile is 128 output features x BN batch rows (256 past batch 128, 128 for 65-128, 64 for 33-64,
 // 32 for 17-32, 16 to 16), one block per SM; a block multiplies whole tiles (every `walkers`-th), or
@@ -25,13 +25,14 @@
 // 16-26% faster, leaving out every activation copy changed nothing, and more consumer warps or TMA
 // multicast of the activations only lost (perf log).
 // The producers' scale copies complete the slot's first mbarrier (cp.async arrivals), the TMA boxes
-// a second one; the consumers wait on both (each warpgroup on its own: no barrier couples the
-// two). EMPTY[slot], a named barrier, tells the producers that the multiplies that read a slot are
-// retired. The producers give most of their registers to the consumers (setmaxnreg): BN / 2
-// accumulators and two stages of fragments per thread. A call's kernels (zeroing, GEMM, finish)
-// launch as programmatic dependents (launch.cuh): a block builds its pair table while the kernel
-// before it drains (H100, bf16 nf4, same process, us, before / after: (14336, 4096) batch 64 23.9 /
-// 22.1, (4096, 14336) 128 36.7 / 32.9, (4096, 4096) 17 16.2 / 12.7; batch 1024 within 1.5%).
+// a second one (with the scales' boxes, the only one); the consumers wait on them (each warpgroup
+// on its own: no barrier couples the two). EMPTY[slot], a named barrier, tells the producers that
+// the multiplies that read a slot are retired. The producers give most of their registers to the
+// consumers (setmaxnreg): BN / 2 accumulators and two stages of fragments per thread. A call's
+// kernels (zeroing, GEMM, finish) launch as programmatic dependents (launch.cuh): a block builds
+// its pair table while the kernel before it drains (H100, bf16 nf4, same process, us, before /
+// after: (14336, 4096) batch 64 23.9 / 22.1, (4096, 14336) 128 36.7 / 32.9, (4096, 4096) 17 16.2 /
+// 12.7; batch 1024 within 1.5%).
 // Measurements and what was tried: docs/perf-log.md.
 #include "build_config.h"
 #include "kernels.hpp"
@@ -84,6 +85,11 @@ struct WsConfig {
   // (The per-stage scale words, unused then, stay in the layout: freeing them would fit BN 32 an
   // 11th stage, not measured.)
   static constexpr int kGroupStages = 4 / kAtoms;
+  // Two-atom stages take a group's scales as one TMA box (16 bytes x the tile's rows) on the stage's
+  // own barrier, not 128 copies on a barrier of their own: the consumers wait on one barrier a stage,
+  // and 16 wavefronts a group instead of 128 (batch 17-64 1-4% faster; one-atom stages, batch 256,
+  // ~1% slower: they keep the copies).
+  static constexpr bool kScaleBoxes = kGroupedScales && kAtoms == 2;
   static constexpr size_t kGroupBytes = size_t(kTileRows) * 16;
   static constexpr int scale_slots(int stages) {
     return kGroupedScales ? (stages + kGroupStages - 1) / kGroupStages + 1 : 0;
@@ -428,6 +434,7 @@ __device__ __forceinline__ void reduce_in_cluster(const float (&acc)[BN / 2], ui
 template <typename T, int BN, int kAtoms, bool kNested, bool kGroupedScales>
 __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads, 1)
     gemm_wgmma_ws_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
+                         const __grid_constant__ CUtensorMap scale_map,
                          int64_t m, int64_t k,
                          const uint8_t* __restrict__ packed, fp4_scales scales, int nested_log2, int64_t n,
                          int blocksize_log2, Code16 code, WsWork work, const T* __restrict__ bias,
@@ -494,12 +501,13 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
     auto issue = [&](int slot, int i) {
       if (i < stages) {
         const int st = next.st;
+        bool opens_group = false;  // (grouped scales: copied with the first stage of their group)
         if constexpr (kGroupedScales) {
           const int atom0 = st * kAtoms;
-          if (atom0 % 4 == 0 || i == 0) {  // (a shared block's run may begin inside a group)
-            if (i != 0) group_slot = group_slot + 1 == C::kScaleSlots ? 0 : group_slot + 1;
+          opens_group = atom0 % 4 == 0 || i == 0;  // (a shared block's run may begin inside a group)
+          if (opens_group && i != 0) group_slot = group_slot + 1 == C::kScaleSlots ? 0 : group_slot + 1;
+          if (!C::kScaleBoxes && opens_group)
             cp_async16(gring + group_slot * C::kGroupBytes + p * 16, scales.absmax + (row_elem >> 6) + (atom0 & ~3));
-          }
         } else {
           // Scale words of row p, atom a at [p][a] (nested group absmax kProducers * kAtoms words on).
           uint32_t* const scale_dst = reinterpret_cast<uint32_t*>(sring + slot * C::kSStageBytes) + p * kAtoms;
@@ -515,9 +523,14 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
             }
           }
         }
-        tma::mbarrier_arrive_on_copies(w_arrived + slot);
+        if constexpr (!C::kScaleBoxes) tma::mbarrier_arrive_on_copies(w_arrived + slot);
         if (p == 0) {
-          tma::mbarrier_expect(x_arrived + slot, uint32_t(C::kXStageBytes + C::kWStageBytes));
+          const bool scale_box = C::kScaleBoxes && opens_group;
+          tma::mbarrier_expect(x_arrived + slot,
+                               uint32_t(C::kXStageBytes + C::kWStageBytes + (scale_box ? C::kGroupBytes : 0)));
+          if (scale_box)  // (rows past n read as zero)
+            tma::load_2d(gring + group_slot * C::kGroupBytes, &scale_map, int(st * kAtoms) & ~3, int(tile_row0),
+                         x_arrived + slot);
 #pragma unroll
           for (int a = 0; a < kAtoms; ++a)
             tma::load_2d(xring + slot * C::kXStageBytes + a * C::kXAtomBytes, &x_map, int((st * kAtoms + a) * 64),
@@ -602,7 +615,7 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
   // while stage i - 1 multiplies, queue its multiplies, then retire stage i - 1's and free its slot.
   auto step = [&](int i, int st, int slot, const uint8_t* stage_scales, auto buf) {
     constexpr int b = decltype(buf)::value;
-    tma::mbarrier_wait(w_arrived + slot, uint32_t(i / S) & 1);
+    if constexpr (!C::kScaleBoxes) tma::mbarrier_wait(w_arrived + slot, uint32_t(i / S) & 1);
     tma::mbarrier_wait(x_arrived + slot, uint32_t(i / S) & 1);
 #pragma unroll
     for (int a = 0; a < kAtoms; ++a) decode(frag[b][a], slot, stage_scales, st, a);
@@ -861,6 +874,12 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
   const CUtensorMap w_map =
       tma::map_2d(packed, CU_TENSOR_MAP_DATA_TYPE_UINT8, k / 2, n, k / 2, C::kRowBytes, C::kTileRows,
                   C::kRowBytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_32B, "packed");
+  // kScaleBoxes: boxes of 4 scales (16 bytes) x the tile's rows (grouped scales are 16-byte aligned,
+  // rows k / 16 bytes apart, k % 256 == 0); otherwise unused.
+  const CUtensorMap scale_map =
+      C::kScaleBoxes ? tma::map_2d(scales.absmax, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, k / 64, n, k / 16, 4, C::kTileRows,
+                                   CU_TENSOR_MAP_SWIZZLE_NONE, "absmax")
+                     : w_map;
   cudaStream_t stream = stream_of(exec);
   // (tiles + batch_tiles tiles of sums fit the workspace: gemm_4bit_wgmma_ws_sums_bytes)
   const int64_t shared_tiles = cluster > 1 ? 0 : work.shared_tiles();
@@ -875,14 +894,14 @@ void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_
   const bool y_in_pieces =
       n % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0 && switch_setting("FP4_CUDA_WS_PIECES") != 0;
   launch_dependent_clusters(device, unsigned(cluster), kernel, dim3(unsigned(work.blocks())), C::kThreads,
-                            C::kSmemBytes, stream, "gemm_4bit warp-specialized wgmma kernel", x_map, w_map, m, k,
-                            packed, scales, nested_shift(scales), n, blocksize_log2, code, work, bias, y, y_in_pieces,
-                            workspace);
+                            C::kSmemBytes, stream, "gemm_4bit warp-specialized wgmma kernel", x_map, w_map, scale_map,
+                            m, k, packed, scales, nested_shift(scales), n, blocksize_log2, code, work, bias, y,
+                            y_in_pieces, workspace);
   if (rest.part == WsWork::kRest)
     launch_dependent(device, kernel, dim3(unsigned(rest.blocks())), C::kThreads, C::kSmemBytes, stream,
-                     "gemm_4bit warp-specialized wgmma kernel (the tiles beside the clusters)", x_map, w_map, m, k,
-                     packed, scales, nested_shift(scales), n, blocksize_log2, code, rest, bias, y, y_in_pieces,
-                     workspace);
+                     "gemm_4bit warp-specialized wgmma kernel (the tiles beside the clusters)", x_map, w_map,
+                     scale_map, m, k, packed, scales, nested_shift(scales), n, blocksize_log2, code, rest, bias, y,
+                     y_in_pieces, workspace);
   if (shared_tiles > 0)
     launch_dependent(device, finish_shared_tiles<T, BN>, dim3(unsigned(shared_tiles), BN / 8), 256, 0, stream,
                      "gemm_4bit warp-specialized finish kernel", workspace, work, m, n, bias, y);

@@ -81,8 +81,10 @@ def test_wgmma_gemm_matches_reference(monkeypatch, dtype, batch, small_kernel, q
 def test_wgmma_gemm_long_rows_and_many_tiles():
     # (4096, 1024) at batch 600: 96 tiles, most of a wave, so k is not split (before, into 192 blocks);
     # (272, 1152) at batch 100: k % 256 != 0, so the 128-row batch tile takes one atom per stage;
-    # (128, 4352) at batch 300: k split in 4 ranges of 18 stages, so three begin inside a scale group
+    # (128, 4352) at batch 300: k split in 4 ranges of 18 stages, so three begin inside a scale group;
+    # (200, 8192) at batch 48: the scales' TMA boxes of a half-empty feature tile, k split across blocks
     for out_features, in_features, batch, bias in ((128, 14336, 33, True), (4224, 512, 200, False),
+                                                   (200, 8192, 48, False),
                                                    (256, 8192, 1030, True), (384, 4096, 20, False),
                                                    (4096, 1024, 600, True), (272, 1152, 100, True),
                                                    (128, 4352, 300, False)):
