@@ -52,8 +52,8 @@ constexpr int kConsumersBarrier = 15;
 
 // BN 256 for batch > 128, BN 128 for batch 65-128 (a half-empty 256-row tile would multiply zeros),
 // 64, 32 and 16 below; kAtoms 64-column slices of k per stage (2 fit a stage beside BN <= 128 only);
-// kGroupedScales: see the scale ring below.
-template <int BN, int kAtoms, bool kGroupedScales = false>
+// kGroupedScales: see the scale ring below (kNested: of nested absmax).
+template <int BN, int kAtoms, bool kGroupedScales = false, bool kNested = false>
 struct WsConfig {
   static constexpr int kBatchRows = BN;  // batch rows per block (the m64nBNk16 multiply's N)
   static constexpr int kThreads = 384;   // warpgroup 0 copies, 1 and 2 decode and multiply
@@ -76,7 +76,7 @@ struct WsConfig {
       1024 + kTableBytes + (kStagingInScaleRing ? 0 : kStagingBytes) + kCodeBytes;  // (+1024: the rings are aligned by hand)
   static constexpr size_t kPerStage = kXStageBytes + kWStageBytes + kSStageBytes + 2 * sizeof(uint64_t);
   static constexpr size_t kBudget = 227 * 1024;  // (one block per SM)
-  // Grouped scales (plain blocksize-64 absmax, 16-byte aligned, k % 256 == 0): a row's 4 scales of 4
+  // Grouped scales (blocksize-64 absmax, k % 256 == 0; plain ones 16-byte aligned): a row's 4 scales of 4
   // consecutive atoms come by one 16-byte copy, issued with the group's first stage, into a ring of
   // kScaleSlots groups of their own: each copy is a shared-memory wavefront of its own (the rows lie
   // 4 KB apart), so 4 atoms per copy instead of 1 (ncu: the scale copies were 16% of a block's
@@ -85,11 +85,14 @@ struct WsConfig {
   // (The per-stage scale words, unused then, stay in the layout: freeing them would fit BN 32 an
   // 11th stage, not measured.)
   static constexpr int kGroupStages = 4 / kAtoms;
-  // Two-atom stages take a group's scales as one TMA box (16 bytes x the tile's rows) on the stage's
-  // own barrier, not 128 copies on a barrier of their own: the consumers wait on one barrier a stage,
-  // and 16 wavefronts a group instead of 128 (batch 17-64 1-4% faster; one-atom stages, batch 256,
-  // ~1% slower: they keep the copies).
-  static constexpr bool kScaleBoxes = kGroupedScales && kAtoms == 2;
+  // Nested absmax (blocksize 64, nested blocksize a multiple of 4) group the same way: a row's slot
+  // holds the 4-byte word of the group's 4 codes and the one nested scale they share (two 4-byte
+  // copies a row and group, where a row and stage took two per atom).
+  // Two-atom stages take a group of plain scales as one TMA box (16 bytes x the tile's rows) on the
+  // stage's own barrier, not 128 copies on a barrier of their own: the consumers wait on one barrier
+  // a stage, and 16 wavefronts a group instead of 128 (batch 17-64 1-4% faster; one-atom stages,
+  // batch 256, ~1% slower: they keep the copies).
+  static constexpr bool kScaleBoxes = kGroupedScales && !kNested && kAtoms == 2;
   static constexpr size_t kGroupBytes = size_t(kTileRows) * 16;
   static constexpr int scale_slots(int stages) {
     return kGroupedScales ? (stages + kGroupStages - 1) / kGroupStages + 1 : 0;
@@ -432,14 +435,14 @@ __device__ __forceinline__ void reduce_in_cluster(const float (&acc)[BN / 2], ui
 }
 
 template <typename T, int BN, int kAtoms, bool kNested, bool kGroupedScales>
-__global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads, 1)
+__global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales, kNested>::kThreads, 1)
     gemm_wgmma_ws_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                          const __grid_constant__ CUtensorMap scale_map,
                          int64_t m, int64_t k,
                          const uint8_t* __restrict__ packed, fp4_scales scales, int nested_log2, int64_t n,
                          int blocksize_log2, Code16 code, WsWork work, const T* __restrict__ bias,
                          T* __restrict__ y, bool y_in_pieces, float* __restrict__ sums) {
-  using C = WsConfig<BN, kAtoms, kGroupedScales>;
+  using C = WsConfig<BN, kAtoms, kGroupedScales, kNested>;
   constexpr int S = C::kStages;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   extern __shared__ __align__(16) uint8_t smem_raw[];
@@ -506,8 +509,15 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
           const int atom0 = st * kAtoms;
           opens_group = atom0 % 4 == 0 || i == 0;  // (a shared block's run may begin inside a group)
           if (opens_group && i != 0) group_slot = group_slot + 1 == C::kScaleSlots ? 0 : group_slot + 1;
-          if (!C::kScaleBoxes && opens_group)
-            cp_async16(gring + group_slot * C::kGroupBytes + p * 16, scales.absmax + (row_elem >> 6) + (atom0 & ~3));
+          uint8_t* const group = gring + group_slot * C::kGroupBytes + p * 16;
+          const int64_t block0 = (row_elem >> 6) + (atom0 & ~3);
+          if (kNested && opens_group) {
+            cp_async4(group, scales.nested_codes + block0);
+            cp_async4(group + 4, scales.absmax + (nested_log2 >= 0 ? block0 >> nested_log2
+                                                                    : block0 / scales.nested_blocksize));
+          } else if (!C::kScaleBoxes && opens_group) {
+            cp_async16(group, scales.absmax + block0);
+          }
         } else {
           // Scale words of row p, atom a at [p][a] (nested group absmax kProducers * kAtoms words on).
           uint32_t* const scale_dst = reinterpret_cast<uint32_t*>(sring + slot * C::kSStageBytes) + p * kAtoms;
@@ -593,12 +603,18 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales>::kThreads
       words[r][4] = hi.x, words[r][5] = hi.y, words[r][6] = hi.z, words[r][7] = hi.w;
       const uint32_t* const sc = reinterpret_cast<const uint32_t*>(sring + slot * C::kSStageBytes) + row * kAtoms + atom;
       float scale;
-      if constexpr (kGroupedScales) {
+      if constexpr (kGroupedScales && kNested) {
+        // (stage_scales: the group's slot + 4 bytes per atom before this stage's first)
+        const int before = (st * kAtoms) & 3;
+        const uint8_t* const group = stage_scales - before * 4 + row * 16;
+        scale = nested_scale(codes + 16, group[before + atom], *reinterpret_cast<const float*>(group + 4),
+                             nested_offset);
+      } else if constexpr (kGroupedScales) {
         scale = *reinterpret_cast<const float*>(stage_scales + row * 16 + atom * 4);
       } else {
         scale = __uint_as_float(sc[0]);
       }
-      if constexpr (kNested) {
+      if constexpr (kNested && !kGroupedScales) {
         const int64_t block = (row_elem[r] + int64_t(st * kAtoms + atom) * 64) >> blocksize_log2;
         scale = nested_scale(codes + 16, (sc[0] >> (8 * (block & 3))) & 0xffu,
                              __uint_as_float(sc[C::kProducers * kAtoms]), nested_offset);
@@ -846,7 +862,7 @@ WsWork split_off_rest(WsWork& clusters, int64_t fit, int64_t capacity, bool depe
 template <typename T, int BN, int kAtoms, bool kNested, bool kGroupedScales>
 void launch(const fp4_exec& exec, const T* x, int64_t m, int64_t k, const uint8_t* packed, const fp4_scales& scales,
             int64_t n, int blocksize_log2, const Code16& code, const T* bias, T* y, float* workspace) {
-  using C = WsConfig<BN, kAtoms, kGroupedScales>;
+  using C = WsConfig<BN, kAtoms, kGroupedScales, kNested>;
   constexpr auto kernel = gemm_wgmma_ws_kernel<T, BN, kAtoms, kNested, kGroupedScales>;
   const int device = exec.device_index;
   allow_dynamic_smem<kernel>(device, C::kSmemBytes);
@@ -952,9 +968,11 @@ void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtyp
   const int log2 = log2_of(blocksize);
   // The batch tile: 16 rows to batch 16, 32 to 32, 64 to 64, 128 to 128, else 256. Tiles of <= 128
   // rows take two atoms per stage where k % 256 == 0 (batch <= 64 comes here only then), the others one.
-  // Plain blocksize-64 absmax on 16-byte aligned addresses with k % 256 == 0: grouped scale copies.
-  const bool grouped = scales.nested_codes == nullptr && blocksize == 64 && k % 256 == 0 &&
-                       reinterpret_cast<uintptr_t>(scales.absmax) % 16 == 0;
+  // Blocksize 64 with k % 256 == 0: grouped scale copies, of plain absmax on 16-byte aligned
+  // addresses or of nested absmax whose nested blocks hold whole groups of 4.
+  const bool grouped = blocksize == 64 && k % 256 == 0 &&
+                       (scales.nested_codes != nullptr ? scales.nested_blocksize % 4 == 0
+                                                       : reinterpret_cast<uintptr_t>(scales.absmax) % 16 == 0);
   auto run = [&](auto* tag, auto bn, auto nested, auto atoms) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int kBn = decltype(bn)::value, kA = decltype(atoms)::value;
@@ -962,8 +980,8 @@ void gemm_4bit_wgmma_ws(const fp4_exec& exec, const Code16& code, fp4_dtype dtyp
     const T* xt = static_cast<const T*>(x);
     const T* bt = static_cast<const T*>(bias);
     T* yt = static_cast<T*>(y);
-    if (!kN && grouped)
-      launch<T, kBn, kA, false, true>(exec, xt, m, k, packed, scales, n, log2, code, bt, yt, workspace);
+    if (grouped)
+      launch<T, kBn, kA, kN, true>(exec, xt, m, k, packed, scales, n, log2, code, bt, yt, workspace);
     else
       launch<T, kBn, kA, kN, false>(exec, xt, m, k, packed, scales, n, log2, code, bt, yt, workspace);
   };
