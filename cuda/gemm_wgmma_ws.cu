@@ -509,14 +509,16 @@ __global__ void __launch_bounds__(WsConfig<BN, kAtoms, kGroupedScales, kNested>:
           const int atom0 = st * kAtoms;
           opens_group = atom0 % 4 == 0 || i == 0;  // (a shared block's run may begin inside a group)
           if (opens_group && i != 0) group_slot = group_slot + 1 == C::kScaleSlots ? 0 : group_slot + 1;
-          uint8_t* const group = gring + group_slot * C::kGroupBytes + p * 16;
-          const int64_t block0 = (row_elem >> 6) + (atom0 & ~3);
-          if (kNested && opens_group) {
-            cp_async4(group, scales.nested_codes + block0);
-            cp_async4(group + 4, scales.absmax + (nested_log2 >= 0 ? block0 >> nested_log2
-                                                                    : block0 / scales.nested_blocksize));
-          } else if (!C::kScaleBoxes && opens_group) {
-            cp_async16(group, scales.absmax + block0);
+          if (opens_group) {
+            uint8_t* const group = gring + group_slot * C::kGroupBytes + p * 16;
+            const int64_t block0 = (row_elem >> 6) + (atom0 & ~3);
+            if constexpr (kNested) {  // (the code word is aligned and inside the array: gemm_4bit_wgmma_supports)
+              cp_async4(group, scales.nested_codes + block0);
+              cp_async4(group + 4, scales.absmax + (nested_log2 >= 0 ? block0 >> nested_log2
+                                                                      : block0 / scales.nested_blocksize));
+            } else if constexpr (!C::kScaleBoxes) {
+              cp_async16(group, scales.absmax + block0);
+            }  // (else thread 0's TMA box, below)
           }
         } else {
           // Scale words of row p, atom a at [p][a] (nested group absmax kProducers * kAtoms words on).
